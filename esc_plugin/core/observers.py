@@ -1,0 +1,69 @@
+"""Statistics collected from the FP32 activations during calibration passes."""
+import torch
+
+
+class ActivationObserver:
+    """Watches one activation quantizer's input.
+
+    Collects the running max |x|, optionally a histogram of |x| over a fixed
+    range (second pass, once the max is known) and optionally a bounded uniform
+    sample of the inputs for ESC's local search.
+    """
+
+    def __init__(self, row_features=None, max_elements=0, bins=0, hist_range=None, seed=0):
+        self.amax = 0.0
+        self.calls = 0
+        self.row_features = row_features
+        self.max_elements = max_elements
+        self.bins = bins
+        self.hist_range = hist_range
+        self.hist = torch.zeros(bins, dtype=torch.float64) if bins else None
+        self._gen = torch.Generator().manual_seed(seed)
+        self._rows = self._keys = None
+        self._samples = []  # (key, tensor) for inputs that are not row-shaped
+
+    def __call__(self, x):
+        x = x.detach().float()
+        self.calls += 1
+        self.amax = max(self.amax, float(x.abs().max())) if x.numel() else self.amax
+        if self.hist is not None and self.hist_range:
+            self.hist += torch.histc(x.abs().clamp_max(self.hist_range), self.bins, 0, self.hist_range).double()
+        if self.max_elements:
+            self._sample(x)
+
+    def _sample(self, x):
+        # Uniform reservoir: every row/sample gets a random key; the top keys stay.
+        if self.row_features and x.shape[-1] == self.row_features:
+            rows = x.reshape(-1, self.row_features)
+            keys = torch.rand(rows.shape[0], generator=self._gen)
+            cap = max(1, self.max_elements // self.row_features)
+            if self._rows is not None:
+                rows, keys = torch.cat([self._rows, rows]), torch.cat([self._keys, keys])
+            if rows.shape[0] > cap:
+                keep = torch.topk(keys, cap).indices
+                rows, keys = rows[keep], keys[keep]
+            self._rows, self._keys = rows.clone(), keys
+        else:
+            for sample in x.split(1):
+                self._samples.append((float(torch.rand(1, generator=self._gen)), sample.clone()))
+            self._samples.sort(key=lambda kv: -kv[0])
+            total = 0
+            for n, (_, s) in enumerate(self._samples):
+                total += s.numel()
+                if total > self.max_elements and n > 0:
+                    del self._samples[n:]
+                    break
+
+    def inputs(self):
+        """The cached sample: a list of tensors shaped like the op's input."""
+        if self._rows is not None:
+            return [self._rows]
+        # Batch samples of equal shape: one conv call instead of one per sample.
+        groups = {}
+        for _, s in self._samples:
+            groups.setdefault(tuple(s.shape), []).append(s)
+        return [torch.cat(g) for g in groups.values()]
+
+    @property
+    def edges(self):
+        return torch.linspace(0, self.hist_range, self.bins + 1).double().numpy()

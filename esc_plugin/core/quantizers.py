@@ -1,0 +1,73 @@
+"""Quantizer objects: thin layers over modelopt's ``TensorQuantizer``.
+
+Why modelopt: it is NVIDIA's maintained successor of ``pytorch-quantization``;
+its ``TensorQuantizer`` holds ``amax`` as a buffer (so it is saved with the
+state dict) and exports QuantizeLinear/DequantizeLinear to ONNX, which is what
+TensorRT's strongly typed networks consume. We keep its quantizer and write our
+own configs, since its presets target LLMs.
+
+Symmetric, zero point 0, narrow range: ``scale = amax / (2**(b-1) - 1)``.
+"""
+import warnings
+
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+from .errors import CalibrationError
+
+# Smallest amax we ever hand to a quantizer: a zero scale is an invalid engine.
+MIN_AMAX = 1e-8
+
+
+class ActivationQuantizer(TensorQuantizer):
+    """Per-tensor input quantizer with an optional observer.
+
+    ``observer(x)`` is called with the FP32 input before quantization; the
+    calibrators use it to collect statistics without modelopt's calibrators.
+    """
+
+    def __init__(self, num_bits, name=""):
+        super().__init__(QuantizerAttributeConfig(num_bits=num_bits, axis=None, narrow_range=True))
+        self.esc_name = name
+        self.observer = None
+
+    def forward(self, inputs):
+        if self.observer is not None:
+            self.observer(inputs)
+        if self.is_enabled and getattr(self, "_amax", None) is None and not self._if_calib:
+            raise CalibrationError(
+                f"activation quantizer '{self.esc_name}' has no amax: the calibration "
+                "forward_loop never reached this op. Make forward_loop exercise every "
+                "code path used at inference (e.g. the decoder as well as the encoder)."
+            )
+        return super().forward(inputs)
+
+    def set_amax(self, value):
+        value = float(value)
+        if not torch.isfinite(torch.tensor(value)):
+            raise CalibrationError(f"amax for '{self.esc_name}' is {value}: it must be finite.")
+        self.amax = torch.tensor(max(value, MIN_AMAX), dtype=torch.float32)
+
+
+def weight_quantizer(num_bits):
+    """Per-output-channel (axis 0) Max quantizer for a weight tensor."""
+    return TensorQuantizer(QuantizerAttributeConfig(num_bits=num_bits, axis=0, narrow_range=True))
+
+
+def calibrate_weight(quantizer, weight):
+    """Per-channel Max: amax of each output channel, never zero."""
+    dims = tuple(range(1, weight.dim()))
+    amax = weight.detach().abs().amax(dim=dims, keepdim=True).float().clamp_min(MIN_AMAX)
+    quantizer.amax = amax
+
+
+def fake_quant(x, amax, num_bits):
+    """Reference symmetric fake quantization (used by the local search, which
+    needs many candidate scales at once and must not mutate the quantizers)."""
+    qmax = 2 ** (num_bits - 1) - 1
+    scale = amax / qmax
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale

@@ -1,0 +1,23 @@
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", module="modelopt")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_root():
+    return Path(os.environ.get("ESC_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def shared():
+    root = shared_root()
+    if not (root / "data").is_dir():
+        pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
+    return root

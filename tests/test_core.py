@@ -1,0 +1,227 @@
+"""Core engine on real SpeechBrain / torch / modelopt objects (no mocks)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
+from speechbrain.nnet.attention import RelPosEncXL
+
+import esc_plugin as esc
+from esc_plugin.core.errors import CalibrationError, ConfigError, ObjectiveError, QuantizationError
+
+
+class SpeechNet(nn.Module):
+    """Conv front end + SpeechBrain Conformer (RelPosMHAXL) + torch MHA + classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(20, 32, 3, padding=1)
+        self.enc = ConformerEncoder(num_layers=1, d_model=32, d_ffn=64, nhead=4, kernel_size=5,
+                                    attention_type="RelPosMHAXL")
+        self.pos = RelPosEncXL(32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        h, _ = self.enc(h, pos_embs=self.pos(h))
+        h, _ = self.mha(h, h, h)
+        return self.out(h).mean(1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SpeechNet().eval()
+    # speech-like features: a few channels with a huge range
+    data = [torch.randn(4, 25, 20) * torch.linspace(0.05, 40, 20) for _ in range(3)]
+    with torch.no_grad():
+        refs = [model(x) for x in data]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def objective(m):
+        return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
+
+    return model, data, loop, objective
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_attention_projections_are_quantized_and_listed(setup):
+    model, data, loop, objective = setup
+    q = esc.quantize(model, esc.QuantConfig(bits=8, method="max"), loop, progress=False)
+    names = {c["name"] for c in q.esc_report.quantized_ops}
+    assert "enc.layers.0.mha_layer.in_proj_weight" in names  # SpeechBrain RelPosMHAXL via F.linear
+    assert "mha.in_proj_weight" in names and "mha.out_proj.weight" in names  # torch MHA via F.linear
+    assert "conv" in names and "out" in names and "enc.norm.norm" in names
+    floats = q.esc_report.float_ops
+    assert floats and all(c["reason"] for c in floats)  # attention matmuls listed with a reason
+    # The functional quantizer is really applied: a tiny amax on it changes the output.
+    with torch.no_grad():
+        before = q(data[0])
+        q.mha.esc_input_quantizers["in_proj_weight"].set_amax(1e-3)
+        assert not torch.allclose(before, q(data[0]))
+
+
+def test_fp32_model_is_untouched(setup):
+    model, data, loop, objective = setup
+    state, cls = _state(model), type(model.out)
+    with torch.no_grad():
+        out = model(data[0])
+    q = esc.quantize(model, esc.QuantConfig(bits=4, method="esc", budget=6), loop, objective, progress=False)
+    assert type(model.out) is cls and isinstance(q.out, cls) and type(q.out) is not cls
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(out, model(data[0]))
+        assert not torch.equal(out, q(data[0]))
+
+
+def test_all_calibrators_and_esc_wins_at_4_bits(setup):
+    model, data, loop, objective = setup
+    scores = {}
+    for method in esc.METHODS:
+        cfg = esc.QuantConfig(bits=4, method=method, budget=24, seed=0)
+        q = esc.quantize(model, cfg, loop, objective, progress=False)
+        assert all(l.final > 0 for l in q.esc_report.layers)
+        scores[method] = objective(q)
+    assert scores["esc"] <= min(scores.values()) + 1e-12, scores
+    assert scores["esc"] < scores["max"]
+
+
+def test_esc_report_history_and_mean(setup, tmp_path):
+    model, data, loop, objective = setup
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=20, popsize=5), loop, objective, progress=False)
+    r = q.esc_report
+    assert len(r.history) == 20 and r.timings["n_evaluations"] == 22  # Γ + init + final mean
+    assert r.objective["chosen"] <= r.objective["init"]
+    assert all(l.init is not None and l.init <= l.max * 1.0001 for l in r.layers)
+    r.save_json(tmp_path / "report.json")
+    paths = r.plot(tmp_path)
+    assert all(p.endswith(".png") for p in paths) and len(paths) == 2
+    loaded = esc.QuantReport.from_dict(__import__("json").loads((tmp_path / "report.json").read_text()))
+    assert loaded.objective == r.objective
+
+
+def test_deterministic_and_resumable(setup, tmp_path):
+    model, data, loop, objective = setup
+    cfg = dict(bits=4, budget=24, popsize=6, seed=3)
+    a = esc.quantize(model, esc.QuantConfig(**cfg), loop, objective, progress=False)
+    calls = {"n": 0}
+
+    def interrupted(m):
+        calls["n"] += 1
+        if calls["n"] == 15:  # mid-way through the 3rd generation
+            raise KeyboardInterrupt
+        return objective(m)
+
+    ckpt = tmp_path / "cma.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, interrupted, progress=False)
+    np.random.seed(123)  # the caller's global RNG must not matter
+    b = esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, objective, progress=False)
+    assert any("resumed" in n for n in b.esc_report.notes)
+    assert [l.final for l in a.esc_report.layers] == [l.final for l in b.esc_report.layers]
+    with pytest.raises(ConfigError, match="another run"):
+        esc.quantize(model, esc.QuantConfig(**{**cfg, "seed": 4}, checkpoint=str(ckpt)), loop, objective,
+                     progress=False)
+
+
+def test_nan_objective_counts_as_worst(setup):
+    model, data, loop, objective = setup
+    calls = {"n": 0}
+
+    def flaky(m):
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 3 == 0 else objective(m)
+
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=12, popsize=4), loop, flaky, progress=False)
+    assert max(h["loss"] for h in q.esc_report.history) >= 1e29
+    assert all(np.isfinite(l.final) and l.final > 0 for l in q.esc_report.layers)
+
+
+def test_save_load_roundtrip(setup, tmp_path):
+    model, data, loop, objective = setup
+    q = esc.quantize(model, esc.QuantConfig(bits=8, budget=6), loop, objective, progress=False)
+    path = esc.save(q, tmp_path / "q.pt")
+    r = esc.load(model, path)
+    with torch.no_grad():
+        assert torch.equal(q(data[1]), r(data[1]))
+    other = SpeechNet().eval()
+    with pytest.raises(ConfigError, match="different weights"):
+        esc.load(other, path)
+
+
+def test_weights_per_channel_symmetric(setup):
+    model, data, loop, objective = setup
+    q = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    w = q.out.weight
+    qw = q.out.esc_weight()
+    step = w.abs().amax(1, keepdim=True) / 7
+    levels = (qw / step).round()
+    assert torch.allclose(qw, levels * step, atol=1e-6) and levels.abs().max() <= 7
+    assert torch.allclose(qw.abs().amax(1), w.abs().amax(1), rtol=1e-5)  # max maps to the top level
+
+
+def test_bad_input_errors(setup):
+    model, data, loop, objective = setup
+    state = _state(model)
+    with pytest.raises(ConfigError, match="max, percentile, entropy, mse, esc"):
+        esc.QuantConfig(method="minmax")
+    with pytest.raises(ConfigError, match="use 8"):
+        esc.QuantConfig(bits=2)
+    with pytest.raises(ConfigError, match="valid options"):
+        esc.QuantConfig.from_dict({"bits": 8, "sigma": 0.1})
+    with pytest.raises(CalibrationError, match="needs an objective"):
+        esc.quantize(model, esc.QuantConfig(method="esc"), loop)
+    with pytest.raises(CalibrationError, match="ran no input"):
+        esc.quantize(model, esc.QuantConfig(method="max"), lambda m: None)
+    with pytest.raises(QuantizationError, match="no quantizable op"):
+        esc.quantize(nn.Sequential(nn.ReLU(), nn.Tanh()), esc.QuantConfig(method="max"), loop)
+
+    def broken(m):
+        raise RuntimeError("dataloader exhausted")
+
+    with pytest.raises(ObjectiveError, match="dataloader exhausted.*FP32 model is untouched"):
+        esc.quantize(model, esc.QuantConfig(budget=4), loop, broken, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CalibrationError, match="never quantized"):
+        esc.save(model, "/tmp/never.pt")
+
+
+def test_exclude_and_unexecuted_ops_are_reported(setup):
+    model, data, loop, objective = setup
+    q = esc.quantize(model, esc.QuantConfig(bits=8, method="max", exclude=("mha",)), loop, progress=False)
+    floats = {c["name"]: c["reason"] for c in q.esc_report.float_ops}
+    assert "excluded" in floats["mha"]
+    assert not any(c["name"].startswith("mha.") for c in q.esc_report.quantized_ops)
+
+
+def test_histogram_calibrators_agree_with_modelopt():
+    """On one batch (where modelopt's HistogramCalibrator works) our vectorised
+    percentile / entropy / mse pick the same clip as modelopt's, within a bin."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from esc_plugin.core.histogram import entropy_amax, mse_amax, percentile_amax
+    from esc_plugin.core.observers import ActivationObserver
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20000), 40 * torch.randn(50)])  # heavy tail, like speech activations
+    tq = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator="histogram"))
+    tq.disable_quant()
+    tq.enable_calib()
+    tq(x)
+    obs = ActivationObserver(bins=2048, hist_range=float(x.abs().max()))
+    obs(x)
+    h, e = obs.hist.numpy(), obs.edges
+    bin_width = e[1] - e[0]
+    ours = {"percentile": percentile_amax(h, e, 99.99), "entropy": entropy_amax(h, e, 8), "mse": mse_amax(h, e, 8)}
+    for method, value in ours.items():
+        kwargs = {"percentile": 99.99} if method == "percentile" else {}
+        tq.load_calib_amax(method, **kwargs)
+        assert abs(float(tq.amax) - value) <= bin_width * 1.01, (method, float(tq.amax), value)
