@@ -1,13 +1,13 @@
 """Shared helpers for the task builders: locating the shared data folder,
-loading / resampling / padding audio, and a text normaliser + WER fallback.
+loading / resampling / padding audio. (Text normalisation and WER come from
+``esc_plugin.metrics.text``.)
 
 The real data and weights live outside the repository (see the shared
 ``README.md``); nothing here copies them, every function takes paths.
 """
 import os
-import re
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -77,59 +77,3 @@ def pad_or_trim(wav: torch.Tensor, length: int) -> torch.Tensor:
     if n >= length:
         return wav[..., :length]
     return torch.nn.functional.pad(wav, (0, length - n))
-
-
-# --------------------------------------------------------------------------
-# Text normalisation and WER.
-# TODO: switch to esc_plugin.metrics.text (normalize_text, word_error_rate)
-# once it lands; until then the whisper task uses it when importable and
-# falls back to these private helpers otherwise.
-# --------------------------------------------------------------------------
-_PUNCT = re.compile(r"[^\w\s']|_")
-
-
-def _normalize_text(text: str) -> str:
-    """Lowercase, turn punctuation into spaces (apostrophes are dropped so
-    "don't" -> "dont"), collapse whitespace."""
-    text = text.lower().replace("'", "")
-    text = _PUNCT.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    """Levenshtein distance between two word sequences."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
-def _word_error_rate(refs: List[str], hyps: List[str]) -> float:
-    """Corpus WER (fraction): total word edits / total reference words,
-    after :func:`_normalize_text` on both sides."""
-    if len(refs) != len(hyps):
-        raise ValueError("refs and hyps must have the same length")
-    errors = words = 0
-    for r, h in zip(refs, hyps):
-        rw, hw = _normalize_text(r).split(), _normalize_text(h).split()
-        errors += _edit_distance(rw, hw)
-        words += len(rw)
-    return errors / max(words, 1)
-
-
-def get_text_metrics():
-    """Return ``(normalize_text, word_error_rate)``.
-
-    Prefers ``esc_plugin.metrics.text`` when it exists; falls back to the
-    private helpers above. Either way ``word_error_rate(refs, hyps)`` returns
-    a fraction.
-    """
-    try:  # pragma: no cover - depends on the rest of the repo
-        from esc_plugin.metrics.text import normalize_text, word_error_rate
-
-        return normalize_text, word_error_rate
-    except ImportError:
-        return _normalize_text, _word_error_rate

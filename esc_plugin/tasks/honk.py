@@ -13,6 +13,16 @@ shuffled with ``seed`` and taken in that order (skipping any speaker that
 would overshoot) until exactly ``n_calib`` calibration clips are collected;
 every clip of every other speaker is an evaluation clip. Features are
 computed once, at build time.
+
+Measured FP32 (seed 0; ``python -m esc_plugin.tasks.honk``):
+  * res8-narrow: 86.5 % on the 1,486 evaluation clips, 86.8 % on the whole
+    1,586-clip folder (README: 86.8 %); calibration objective 0.100.
+  * res8 (scales folded, see :func:`load_res8`): 90.6 % eval, 90.7 % whole.
+The MFCCs match librosa's ``melspectrogram(..., pad_mode="reflect")`` + DCT
+(honk's pipeline) to < 1e-4 absolute.
+Time per ``objective`` call on the 2-core CPU (100 clips, features cached):
+res8-narrow about 0.2 s (0.55 s while other processes load the CPU), res8
+about 0.6 s (1.2 s loaded).
 """
 import random
 from collections import OrderedDict

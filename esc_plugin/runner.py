@@ -1,0 +1,78 @@
+"""Drive a :class:`Task` through FP32 and quantized configurations and write results.
+
+Used by the ``esc-quantize`` CLI and by ``benchmarks/``. Every run writes its
+report JSON, plots and quantization state under its own folder; the results
+table is written as JSON and markdown, atomically.
+"""
+import json
+import os
+import time
+
+import torch
+
+import esc_plugin as esc
+from esc_plugin.core.io import write_bytes, write_json
+
+
+def quantize_task(task, config, out_dir=None, progress=True):
+    """Quantize ``task.model`` with ``config``; evaluate; write outputs to ``out_dir``."""
+    t0 = time.perf_counter()
+    qmodel = esc.quantize(task.model, config, task.forward_loop, task.objective, progress=progress)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        metrics = task.evaluate(qmodel)
+    report = qmodel.esc_report
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        report.save_json(os.path.join(out_dir, "report.json"))
+        report.plot(out_dir)
+        esc.save(qmodel, os.path.join(out_dir, "quantized.pt"))
+        write_json(os.path.join(out_dir, "metrics.json"), {"metrics": metrics, "seconds": seconds})
+    return qmodel, metrics, seconds
+
+
+def run_table(task, bits_list=(8, 4), methods=esc.METHODS, out_dir=None, progress=True, **overrides):
+    """FP32 + every (bits, method): rows of {config, metric, objective, seconds}."""
+    with torch.no_grad():
+        fp32 = task.evaluate(task.model)
+        fp32_objective = float(task.objective(task.model))
+    rows = [{"config": "FP32", "bits": 32, "method": "-", "metrics": fp32, "objective": fp32_objective,
+             "seconds": 0.0}]
+    for bits in bits_list:
+        for method in methods:
+            cfg = esc.QuantConfig(bits=bits, method=method, **overrides)
+            sub = os.path.join(out_dir, f"w{bits}a{bits}_{method}") if out_dir else None
+            qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress)
+            with torch.no_grad():
+                objective = float(task.objective(qmodel))
+            rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": method, "metrics": metrics,
+                         "objective": objective, "seconds": seconds,
+                         "timings": qmodel.esc_report.timings})
+            print(f"  {task.name} W{bits}A{bits} {method:10s} {task.metric}={metrics[task.metric]:.3f} "
+                  f"objective={objective:.4g} ({seconds:.1f} s)", flush=True)
+    if out_dir:
+        write_results(task, rows, out_dir)
+    return rows
+
+
+def markdown_table(task, rows):
+    arrow = "↑" if task.higher_is_better else "↓"
+    extra = [k for k in rows[0]["metrics"] if k not in (task.metric, "n")]
+    head = f"| config | calibrator | {task.metric} {arrow} | " + " | ".join(extra) + \
+        (" | " if extra else "") + "calib. objective ↓ | time (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [r["config"], r["method"], f"{m[task.metric]:.2f}"] + [f"{m[k]:.4g}" for k in extra] + \
+            [f"{r['objective']:.4g}", f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(task, rows, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), {"task": task.name, "metric": task.metric,
+                                                       "higher_is_better": task.higher_is_better,
+                                                       "info": task.info, "rows": rows})
+    md = f"### {task.name}\n\n{markdown_table(task, rows)}\n\n{json.dumps(task.info)}\n"
+    write_bytes(os.path.join(out_dir, "results.md"), md.encode())
