@@ -45,9 +45,12 @@ def run_table(task, bits_list=(8, 4), methods=esc.METHODS, out_dir=None, progres
             qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress)
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
+            timings = dict(qmodel.esc_report.timings)
+            if method == "esc":
+                # ESC's cost relative to Γ plain fake-quantized objective evaluations
+                timings["overhead_vs_budget_evals"] = seconds / (cfg.budget * timings["seconds_per_evaluation"])
             rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": method, "metrics": metrics,
-                         "objective": objective, "seconds": seconds,
-                         "timings": qmodel.esc_report.timings})
+                         "objective": objective, "seconds": seconds, "timings": timings})
             print(f"  {task.name} W{bits}A{bits} {method:10s} {task.metric}={metrics[task.metric]:.3f} "
                   f"objective={objective:.4g} ({seconds:.1f} s)", flush=True)
     if out_dir:
@@ -65,6 +68,9 @@ def markdown_table(task, rows):
         m = r["metrics"]
         cells = [r["config"], r["method"], f"{m[task.metric]:.2f}"] + [f"{m[k]:.4g}" for k in extra] + \
             [f"{r['objective']:.4g}", f"{r['seconds']:.1f}"]
+        ratio = r.get("timings", {}).get("overhead_vs_budget_evals")
+        if ratio is not None:
+            cells[-1] += f" ({ratio:.2f}× Γ evals)"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

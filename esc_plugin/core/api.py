@@ -204,7 +204,8 @@ def _esc(config, points, obs, maxes, evaluate, report, progress):
     t = time.perf_counter()
     if search is None:
         report.objective["init"] = evaluate(init)
-        search = ScaleSearch(init, config.sigma0, config.budget, config.popsize, config.seed)
+        search = ScaleSearch(init, config.sigma0, config.budget, config.popsize, config.seed,
+                             max_amax=maxes, space=config.search_space)
         _checkpoint(config, fingerprint, search, init, report)
     bar = tqdm(total=search.generations * search.popsize, initial=search.evaluations,
                desc="ESC CMA-ES", disable=not progress)

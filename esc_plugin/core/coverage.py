@@ -21,6 +21,10 @@ _TRACED = {
     "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
     "convolution": "conv", "native_layer_norm": "layer_norm",
     "_native_multi_head_attention": "fused_attention",
+    "_scaled_dot_product_flash_attention_for_cpu": "fused_attention",
+    "_scaled_dot_product_attention_math": "fused_attention",
+    "_scaled_dot_product_efficient_attention": "fused_attention",
+    "_scaled_dot_product_flash_attention": "fused_attention",
 }
 
 _FLOAT_REASONS = {
@@ -29,7 +33,8 @@ _FLOAT_REASONS = {
               "(inputs of Conv, Linear, LayerNorm)",
     "conv": "convolution not done by nn.Conv1d/nn.Conv2d (transposed, 3-D or functional): left in float",
     "layer_norm": "functional layer_norm outside an nn.LayerNorm: left in float",
-    "fused_attention": "fused attention kernel: left in float",
+    "fused_attention": "fused attention kernel softmax(QK^T)V: activation x activation product, "
+                       "outside ESC's op set (inputs of Conv, Linear, LayerNorm); left in float",
 }
 
 _MODULE_REASONS = (
@@ -62,10 +67,13 @@ class _OpTrace(TorchDispatchMode):
 def trace_ops(model):
     """Context that records the ops run under it; yields the tracer."""
     stack, handles = [], []
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: a forward hook's return value would replace the output
+
     for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
-        # a forward hook's return value replaces the output: return None explicitly
-        handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n) or None))
+        handles.append(module.register_forward_hook(leave))
     tracer = _OpTrace(stack)
     try:
         with tracer:

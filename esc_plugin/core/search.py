@@ -1,9 +1,17 @@
 """ESC step 2: CMA-ES over all activation scales jointly, in ask/tell form.
 
 The optimizer never calls the objective (as in pycma): the caller asks for
-candidate amax vectors, evaluates them and tells the losses back. The search
-runs on log-multipliers ``z`` of the initial scales, ``amax = init * exp(z)``,
-so every candidate scale stays > 0 and σ0 = 0.1 means about ±10 %.
+candidate amax vectors, evaluates them and tells the losses back.
+
+CMA-ES needs the variables on a common scale (layer ranges differ by 100x),
+so σ0 = 0.1 is relative. Two parametrisations, both keeping every scale > 0:
+
+* ``"range"``: ``amax = max_i * u_i`` with ``u`` in ``[1e-3, 1]``
+  (cma's bound handling), starting at ``u = init / max``. σ0 = 0.1 is a tenth of
+  each layer's observed range, so the search can move a scale far from its
+  init when the task needs it (e.g. clip a dominant MFCC coefficient).
+* ``"log"`` (default): ``amax = init * exp(z)``, σ0 = 0.1 ≈ ±10 % around the
+  init; a local polish of the output-MSE init.
 """
 import pickle
 
@@ -12,6 +20,8 @@ import numpy as np
 
 # A NaN/inf objective counts as the worst value; CMA-ES only uses ranks.
 WORST_LOSS = 1e30
+# "range" space: smallest scale as a fraction of the layer's observed max.
+MIN_FRACTION = 1e-3
 
 
 class ScaleSearch:
@@ -30,15 +40,25 @@ class ScaleSearch:
     True
     """
 
-    def __init__(self, init_amax, sigma0=0.1, budget=100, popsize=None, seed=0):
+    def __init__(self, init_amax, sigma0=0.1, budget=100, popsize=None, seed=0, max_amax=None, space="log"):
         self.init_amax = np.asarray(init_amax, dtype=np.float64)
-        opts = {"seed": seed + 1, "verbose": -9, "CMA_diagonal": False}
-        if popsize:
-            opts["popsize"] = popsize
-        self._rng = np.random.RandomState(seed)
+        if space not in ("range", "log"):
+            raise ValueError(f"space={space!r}: use 'range' or 'log'.")
+        self.space = space
+        self.max_amax = np.maximum(np.asarray(max_amax if max_amax is not None else self.init_amax,
+                                              dtype=np.float64), self.init_amax)
+        opts = {"seed": seed + 1, "verbose": -9}
+        # cma's default population, shrunk so one generation never exceeds the budget Γ
+        popsize = popsize or 4 + int(3 * np.log(max(len(self.init_amax), 1)))
+        opts["popsize"] = max(2, min(popsize, budget))
+        if space == "range":
+            opts["bounds"] = [MIN_FRACTION, 1.0]
+            x0 = np.clip(self.init_amax / self.max_amax, MIN_FRACTION, 1.0)
+        else:
+            x0 = np.zeros(len(self.init_amax))
         saved = np.random.get_state()
         try:
-            self.es = cma.CMAEvolutionStrategy(np.zeros(len(self.init_amax)), sigma0, opts)
+            self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
         finally:
             self._rng_state = np.random.get_state()
             np.random.set_state(saved)
@@ -64,7 +84,12 @@ class ScaleSearch:
             finally:
                 self._rng_state = np.random.get_state()
                 np.random.set_state(saved)
-        return [self.init_amax * np.exp(z) for z in self._pending]
+        return [self._to_amax(x) for x in self._pending]
+
+    def _to_amax(self, x):
+        if self.space == "range":
+            return self.max_amax * np.clip(x, MIN_FRACTION, 1.0)
+        return self.init_amax * np.exp(x)
 
     def tell(self, candidates, losses):
         losses = [float(v) if np.isfinite(v) else WORST_LOSS for v in losses]
@@ -79,7 +104,7 @@ class ScaleSearch:
 
     def mean_amax(self):
         """The final scales: mean of the search distribution (not the best sample)."""
-        return self.init_amax * np.exp(np.asarray(self.es.mean))
+        return self._to_amax(np.asarray(self.es.mean))
 
     def state_bytes(self):
         return pickle.dumps(self.__dict__)
