@@ -23,7 +23,8 @@ def main(argv=None):
     p.add_argument("--task", required=True, help="honk | whisper | demo | package.module:function")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
-    p.add_argument("--methods", nargs="+", default=list(esc.METHODS))
+    p.add_argument("--methods", nargs="+", default=list(esc.METHODS) + ["esc+best"],
+                   help="calibrators; 'esc+best' = ESC with QuantConfig(init='best')")
     p.add_argument("--budget", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

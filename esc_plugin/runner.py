@@ -40,13 +40,15 @@ def run_table(task, bits_list=(8, 4), methods=esc.METHODS, out_dir=None, progres
              "seconds": 0.0}]
     for bits in bits_list:
         for method in methods:
-            cfg = esc.QuantConfig(bits=bits, method=method, **overrides)
-            sub = os.path.join(out_dir, f"w{bits}a{bits}_{method}") if out_dir else None
+            # "esc+best": ESC started from the best of its output-MSE init and the baselines' scales
+            extra = {"init": "best"} if method == "esc+best" else {}
+            cfg = esc.QuantConfig(bits=bits, method=method.split("+")[0], **extra, **overrides)
+            sub = os.path.join(out_dir, f"w{bits}a{bits}_{method.replace('+', '_')}") if out_dir else None
             qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress)
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
             timings = dict(qmodel.esc_report.timings)
-            if method == "esc":
+            if cfg.method == "esc":
                 # ESC's cost relative to Γ plain fake-quantized objective evaluations
                 timings["overhead_vs_budget_evals"] = seconds / (cfg.budget * timings["seconds_per_evaluation"])
             rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": method, "metrics": metrics,

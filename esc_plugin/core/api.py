@@ -95,11 +95,18 @@ def quantize(model, config=None, forward_loop=None, objective=None, *, progress=
     if config.method == "max":
         final = maxes
     elif config.method in ("entropy", "mse", "percentile"):
-        hobs = observe(plan, qmodel, forward_loop, config.seed, bins=config.histogram_bins,
-                       hist_ranges={p.name: float(m) for p, m in zip(points, maxes) if m > 0})
-        final = _histogram_method(config, points, hobs, maxes, evaluate, report)
+        hobs = _histograms(plan, qmodel, forward_loop, config, points, maxes)
+        final = _histogram_method(config, config.method, points, hobs, maxes, evaluate, report)
     else:
-        final = _esc(config, points, obs, maxes, evaluate, report, progress)
+        baselines = {}
+        if config.init == "best":
+            # ESC composed with the baselines: their scales are extra starting candidates.
+            hobs = _histograms(plan, qmodel, forward_loop, config, points, maxes)
+            baselines = {"max": maxes}
+            for name in ("percentile", "entropy", "mse"):
+                baselines[name] = _histogram_method(config, name, points, hobs, maxes, evaluate, report)
+            del hobs
+        final = _esc(config, points, obs, maxes, evaluate, report, progress, baselines)
     del obs
     plan.set_act_amax(final)
     for layer, value in zip(report.layers, final):
@@ -149,7 +156,12 @@ class _Evaluator:
         return value if math.isfinite(value) else WORST_LOSS
 
 
-def _histogram_method(config, points, hobs, maxes, evaluate, report):
+def _histograms(plan, qmodel, forward_loop, config, points, maxes):
+    return observe(plan, qmodel, forward_loop, config.seed, bins=config.histogram_bins,
+                   hist_ranges={p.name: float(m) for p, m in zip(points, maxes) if m > 0})
+
+
+def _histogram_method(config, method, points, hobs, maxes, evaluate, report):
     def per_layer(fn):
         out = []
         for p, m in zip(points, maxes):
@@ -158,9 +170,9 @@ def _histogram_method(config, points, hobs, maxes, evaluate, report):
         return np.array(out)
 
     bits = config.act_bits
-    if config.method == "entropy":
+    if method == "entropy":
         return per_layer(lambda h, e: entropy_amax(h, e, bits))
-    if config.method == "mse":
+    if method == "mse":
         return per_layer(lambda h, e: mse_amax(h, e, bits))
     candidates = {pc: per_layer(lambda h, e, pc=pc: percentile_amax(h, e, pc)) for pc in config.percentiles}
     scores = {pc: evaluate(a) for pc, a in candidates.items()}
@@ -174,7 +186,7 @@ def _histogram_method(config, points, hobs, maxes, evaluate, report):
     return candidates[best]
 
 
-def _esc(config, points, obs, maxes, evaluate, report, progress):
+def _esc(config, points, obs, maxes, evaluate, report, progress, baselines):
     names = [p.name for p in points]
     fingerprint = hashlib.sha256(json.dumps(
         [{k: v for k, v in config.to_dict().items() if k != "checkpoint"}, names], default=str
@@ -204,6 +216,16 @@ def _esc(config, points, obs, maxes, evaluate, report, progress):
     t = time.perf_counter()
     if search is None:
         report.objective["init"] = evaluate(init)
+        start = "output_mse"
+        for name, amax in baselines.items():
+            score = evaluate(amax)
+            report.objective[f"start_{name}"] = score
+            if score < report.objective["init"]:
+                init, report.objective["init"], start = np.asarray(amax, dtype=np.float64), score, name
+        if start != "output_mse":
+            report.notes.append(f"ESC started from the {start} scales (better objective than the output-MSE init)")
+        for layer, value in zip(report.layers, init):
+            layer.init = float(value)
         search = ScaleSearch(init, config.sigma0, config.budget, config.popsize, config.seed,
                              max_amax=maxes, space=config.search_space)
         _checkpoint(config, fingerprint, search, init, report)

@@ -11,7 +11,7 @@ Traceback (most recent call last):
 ...
 esc_plugin.core.errors.ConfigError: bits=3 is not supported: use 8 (W8A8) or 4 (W4A4), or set weight_bits / act_bits to 4 or 8 each.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 from .errors import ConfigError
@@ -61,6 +61,12 @@ class QuantConfig:
         ``fnmatch`` patterns of module names to leave in float (reported as such).
     quantize_layernorm : bool
         Quantize LayerNorm inputs, as the paper does.
+    init : str
+        ESC: ``"output_mse"`` (paper Eq. 4) starts CMA-ES from the per-layer
+        output-MSE grid search; ``"best"`` also evaluates the max / percentile /
+        entropy / mse scales on the objective and starts from whichever scores
+        best (ESC composed with the baselines; costs a histogram pass and ~6
+        extra evaluations).
     keep_init_if_worse : bool
         ESC: if the mean of the final search distribution scores worse on the
         objective than the local init, keep the init (recorded in the report).
@@ -85,6 +91,7 @@ class QuantConfig:
     init_max_elements: int = 1 << 18
     exclude: Tuple[str, ...] = ()
     quantize_layernorm: bool = True
+    init: str = "output_mse"
     keep_init_if_worse: bool = True
     checkpoint: Optional[str] = None
 
@@ -105,6 +112,8 @@ class QuantConfig:
                 )
         if self.search_space not in ("range", "log"):
             raise ConfigError(f"search_space={self.search_space!r}: use 'range' or 'log'.")
+        if self.init not in ("output_mse", "best"):
+            raise ConfigError(f"init={self.init!r}: use 'output_mse' (paper) or 'best'.")
         if self.budget < 1:
             raise ConfigError(f"budget={self.budget} must be >= 1 objective evaluations.")
         if not self.sigma0 > 0:

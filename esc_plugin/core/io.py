@@ -1,4 +1,5 @@
 """Atomic file writes: a crash never leaves a half-written report or checkpoint."""
+import contextlib
 import json
 import os
 import tempfile
@@ -6,21 +7,30 @@ import tempfile
 import torch
 
 
-def _atomic(path, write):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the
+    block succeeds (for writers that need a file name, e.g. ONNX exporters)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic(path, write):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_bytes(path, data):

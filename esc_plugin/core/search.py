@@ -13,6 +13,7 @@ so σ0 = 0.1 is relative. Two parametrisations, both keeping every scale > 0:
 * ``"log"`` (default): ``amax = init * exp(z)``, σ0 = 0.1 ≈ ±10 % around the
   init; a local polish of the output-MSE init.
 """
+import contextlib
 import pickle
 
 import cma
@@ -76,15 +77,22 @@ class ScaleSearch:
     def ask(self):
         """Candidate amax vectors for the next generation (re-asking returns the same ones)."""
         if self._pending is None:
-            # cma samples from numpy's global RNG: give it our own stream, then put the caller's back.
-            saved = np.random.get_state()
-            np.random.set_state(self._rng_state)
-            try:
+            with self._own_rng():
                 self._pending = [np.asarray(z) for z in self.es.ask()]
-            finally:
-                self._rng_state = np.random.get_state()
-                np.random.set_state(saved)
         return [self._to_amax(x) for x in self._pending]
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """cma draws from numpy's global RNG (in ask and tell): give it this
+        search's own stream, then put the caller's back, so results depend on
+        the seed alone and resuming reproduces an uninterrupted run."""
+        saved = np.random.get_state()
+        np.random.set_state(self._rng_state)
+        try:
+            yield
+        finally:
+            self._rng_state = np.random.get_state()
+            np.random.set_state(saved)
 
     def _to_amax(self, x):
         if self.space == "range":
@@ -95,7 +103,8 @@ class ScaleSearch:
         losses = [float(v) if np.isfinite(v) else WORST_LOSS for v in losses]
         if self._pending is None or len(losses) != len(self._pending):
             raise ValueError("tell() needs one loss per candidate from the last ask().")
-        self.es.tell(self._pending, losses)
+        with self._own_rng():
+            self.es.tell(self._pending, losses)
         for loss in losses:
             self.history.append({"evaluation": self.evaluations, "generation": self.generation, "loss": loss})
             self.evaluations += 1

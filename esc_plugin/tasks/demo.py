@@ -26,7 +26,7 @@ _CLASSES = [((1.0, 1.0), (500, 1500)), ((1.0, 1.4), (650, 1100)), ((1.4, 1.0), (
 N_CLASSES = len(_CLASSES)
 
 
-def synth_batch(labels, gen, seconds=0.5, snr_db=0.0):
+def synth_batch(labels, gen, seconds=0.5, snr_db=-9.0):
     """Clips of the given classes: a voiced sound with class-specific pitch
     contour and formants, per-clip speaker pitch, formant and timing jitter, and
     white noise at ``snr_db`` (vectorised over the batch)."""

@@ -1,0 +1,21 @@
+"""Deployment path: QDQ ONNX export, ONNX Runtime runner, TensorRT engine builder.
+
+>>> import esc_plugin as esc
+>>> from esc_plugin.export import export_qdq_onnx, OrtRunner
+>>> qmodel = esc.quantize(model, esc.QuantConfig(bits=8, method="esc"), loop, objective)  # doctest: +SKIP
+>>> export_qdq_onnx(qmodel, (feats,), "model.onnx", ["feats"], ["logits"],
+...                 dynamic_axes={"feats": {0: "batch", 1: "time"},
+...                               "logits": {0: "batch", 1: "time"}})                     # doctest: +SKIP
+>>> OrtRunner("model.onnx")(feats)                                                     # doctest: +SKIP
+
+``tensorrt`` is imported lazily by :func:`build_engine` / :class:`TrtRunner`.
+"""
+from .errors import ExportError
+from .onnx import (MODES, check_exportable, count_qdq, export_context, export_metadata,
+                   export_qdq_onnx, op_counts, qdq_nodes)
+from .ort import INTEGER_OPS, OrtRunner, integer_ops, ort_optimized_model
+from .tensorrt import TrtRunner, build_engine
+
+__all__ = ["ExportError", "MODES", "check_exportable", "count_qdq", "export_context",
+           "export_metadata", "export_qdq_onnx", "op_counts", "qdq_nodes", "INTEGER_OPS",
+           "OrtRunner", "integer_ops", "ort_optimized_model", "TrtRunner", "build_engine"]
