@@ -1,0 +1,170 @@
+"""The SpeechBrain stage with a real Brain, DynamicItemDataset, Checkpointer and MetricStats."""
+import json
+import os
+
+import pytest
+import torch
+import speechbrain as sb
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.metric_stats import ClassificationStats
+from speechbrain.utils.train_logger import FileTrainLogger
+
+from esc_plugin.core.errors import ConfigError
+from esc_plugin.speechbrain import bound_modules, load_quantized, quantize_brain
+from esc_plugin.speechbrain.stage import file_digest
+
+N_CLASSES, DIM = 4, 16
+
+
+class ToyBrain(sb.Brain):
+    """A standard recipe Brain: metric created in on_stage_start, filled in compute_objectives."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        x, _ = batch.feats
+        return self.hparams.model(self.modules.norm(x))  # both access paths, as recipes do
+
+    def compute_objectives(self, logits, batch, stage):
+        target = batch.label.to(self.device)
+        if stage != sb.Stage.TRAIN:
+            self.acc_metric.append(batch.id, logits.argmax(-1).unsqueeze(1), target.unsqueeze(1))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.acc_metric = ClassificationStats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            self.test_stats = {"loss": stage_loss, "accuracy": self.acc_metric.summarize("accuracy")}
+            self.hparams.train_logger.log_stats({"test": "done"}, test_stats=self.test_stats)
+
+
+def make_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(N_CLASSES, DIM, generator=torch.Generator().manual_seed(0)) * 3
+    data = {}
+    for i in range(n):
+        label = i % N_CLASSES
+        data[f"utt{seed}_{i}"] = {"feats": centres[label] + torch.randn(DIM, generator=g), "label": label}
+    ds = DynamicItemDataset(data)
+    ds.set_output_keys(["id", "feats", "label"])
+    return ds
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, N_CLASSES))
+    norm = torch.nn.LayerNorm(DIM)
+    out = tmp_path / "results"
+    ckpt_dir = out / "save"
+    hparams = {"model": model, "norm": norm, "output_folder": str(out),
+               "train_logger": FileTrainLogger(str(out / "train_log.txt")),
+               "wer_file": str(out / "wer_test.txt")}
+    brain = ToyBrain(modules={"model": model, "norm": norm},
+                     opt_class=lambda p: torch.optim.Adam(p, 1e-2), hparams=hparams,
+                     run_opts={"device": "cpu"},
+                     checkpointer=Checkpointer(str(ckpt_dir), recoverables={"model": model, "norm": norm}))
+    brain.fit(range(3), make_data(64, 1), make_data(16, 2), train_loader_kwargs={"batch_size": 8},
+              progressbar=False)
+    brain.checkpointer.save_checkpoint()
+    test = make_data(40, 3)
+    brain.evaluate(test, test_loader_kwargs={"batch_size": 8}, progressbar=False)
+    return brain, hparams, test, out
+
+
+def checkpoint_digests(folder):
+    return {p: file_digest(os.path.join(r, p)) for r, _, fs in os.walk(folder) for p in fs}
+
+
+def test_stage_quantizes_with_the_brains_metric_and_keeps_fp32(trained):
+    brain, hparams, test, out = trained
+    before = checkpoint_digests(out / "save")
+    log_before = (out / "train_log.txt").read_text()
+    fp32_state = {k: v.clone() for k, v in brain.modules.state_dict().items()}
+    fp32_stats = dict(brain.test_stats)
+    hparams.update(quantize="esc", quantization={"bits": 8, "budget": 6, "n_samples": 24, "seed": 0})
+
+    result = quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test,
+                            loader_kwargs={"batch_size": 8}, progress=False)
+
+    folder = out / "quantized" / "esc_w8a8"
+    assert result.folder == str(folder)
+    for name in ("quantized.pt", "report.json", "metrics.json", "convergence.png", "amax.png"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["objective_name"] == "acc_metric"
+    assert metrics["fp32"]["accuracy"] == pytest.approx(fp32_stats["accuracy"])
+    assert metrics["quantized"]["accuracy"] >= 0.9
+    report = result.report
+    assert len(report.history) > 0 and report.timings["n_evaluations"] <= 6 + 2
+    ops = {c["name"] for c in report.quantized_ops}
+    assert {"model.0", "model.2", "norm"} <= ops
+    # FP32: checkpoint files, weights, hparams references, test stats and log untouched.
+    assert checkpoint_digests(out / "save") == before
+    assert all(torch.equal(v, brain.modules.state_dict()[k]) for k, v in fp32_state.items())
+    assert hparams["model"] is brain.modules["model"] and brain.hparams.model is brain.modules["model"]
+    assert brain.test_stats == fp32_stats
+    assert (out / "train_log.txt").read_text() == log_before
+    assert (folder / "log.txt").is_file()
+
+    # Load back through SpeechBrain's Checkpointer: identical outputs.
+    reloaded = load_quantized(brain, str(folder))
+    x = torch.stack([test[i]["feats"] for i in range(8)])
+    with torch.no_grad():
+        with bound_modules(brain, result.modules):
+            a = brain.compute_forward(_batch(test), sb.Stage.TEST)
+        with bound_modules(brain, reloaded):
+            b = brain.compute_forward(_batch(test), sb.Stage.TEST)
+        fp = brain.compute_forward(_batch(test), sb.Stage.TEST)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, fp)  # the quantized model really differs from FP32
+    assert x.shape[0] == 8
+
+
+def _batch(ds):
+    from speechbrain.dataio.batch import PaddedBatch
+    return PaddedBatch([ds[i] for i in range(8)])
+
+
+def test_quantize_none_does_nothing(trained):
+    brain, hparams, test, out = trained
+    assert quantize_brain(brain, {**hparams, "quantize": "none"}, make_data(4, 4)) is None
+    assert not (out / "quantized").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quantize": "int8"}, "not a calibrator"),
+    ({"quantization": {"bitz": 8}}, "unknown option"),
+    ({"quantization": {"n_samples": 500}}, "calibration set has 30 items"),
+    ({"quantization": {"metric": "wer_metric", "n_samples": 8}}, "not a MetricStats attribute"),
+    ({"quantization": {"output_folder": "SAVE/inside", "n_samples": 8}}, "inside the FP32 checkpoint folder"),
+])
+def test_bad_input_fails_before_any_work(trained, change, message):
+    brain, hparams, test, out = trained
+    change = json.loads(json.dumps(change).replace("SAVE", str(out / "save")))
+    hp = {**hparams, "quantize": "esc", **change}
+    with pytest.raises(ConfigError, match=message):
+        quantize_brain(brain, hp, make_data(30, 4), loader_kwargs={"batch_size": 8}, progress=False)
+    assert not (out / "quantized").exists()
+
+
+def test_brain_without_metric_names_the_fix(trained):
+    brain, hparams, test, out = trained
+
+    class NoMetric(ToyBrain):
+        def on_stage_start(self, stage, epoch=None):
+            pass
+
+        def compute_objectives(self, logits, batch, stage):
+            return torch.nn.functional.cross_entropy(logits, batch.label)
+
+    bare = NoMetric(modules=dict(brain.modules.items()), hparams=hparams, run_opts={"device": "cpu"})
+    hp = {**hparams, "quantize": "max", "quantization": {"n_samples": 8}}
+    with pytest.raises(ConfigError, match="no metric to optimise.*metric: loss"):
+        quantize_brain(bare, hp, make_data(8, 4), loader_kwargs={"batch_size": 8}, progress=False)
+    hp["quantization"]["metric"] = "loss"
+    result = quantize_brain(bare, hp, make_data(8, 4), loader_kwargs={"batch_size": 8}, progress=False)
+    assert result.metrics["objective_name"] == "loss"
