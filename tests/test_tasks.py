@@ -136,3 +136,52 @@ def test_whisper_split_and_objective(shared_dir):
         h.remove()
     full = whisper.split_clips(whisper.load_clips(shared_dir), None, 0)
     assert [len(s) for s in full] == [9, 9]
+
+
+def test_whisper_librispeech_calibration(shared_dir):
+    from esc_plugin.tasks import whisper
+
+    # Two untranscribed LibriSpeech utterances, labelled by the FP32 model itself.
+    task = whisper.build_whisper_task(shared_dir, calib="librispeech", n_calib=2, decode_threads=1)
+    info = task.info
+    assert info["n_calib"] == 2 and info["n_eval"] == 18 and info["calib"] == "librispeech"
+    assert len(set(info["calib_speakers"])) == 2  # round-robin over the 10 speakers
+    assert not set(info["calib_speakers"]) & set(info["eval_speakers"])
+    assert not set(info["calib_ids"]) & set(info["eval_ids"])
+    assert all(r.strip() for r in info["refs"]["calib"]) and info["pseudo_labels"]["hit_cap"] == 0
+    # FP32 agrees with its own transcripts: WER 0, only the small CE term remains.
+    assert 0.0 < task.objective(task.model) < 0.01
+    with pytest.raises(ValueError, match="calib must be one of"):
+        whisper.build_whisper_task(shared_dir, calib="libri")
+
+
+def test_run_table_writes_each_row_and_keeps_going(tmp_path):
+    import json
+
+    from esc_plugin.runner import run_table
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 8) for _ in range(2)]
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 3:  # FP32, max, then the third evaluation (mse) fails
+            raise RuntimeError("planted failure")
+        return {"err": sum(float((m(x) - model(x)).abs().mean()) for x in data), "n": 2}
+
+    task = Task(name="toy", model=model, forward_loop=lambda m: [m(x) for x in data],
+                objective=lambda m: 0.0, evaluate=evaluate,
+                metric="err", higher_is_better=False)
+    seen = []
+    rows = run_table(task, [8], ["max", "mse", "entropy"], str(tmp_path), progress=False, keep_going=True,
+                     on_row=lambda r: seen.append((len(r), json.loads((tmp_path / "results.json").read_text()))))
+    assert [r["method"] for r in rows] == ["-", "max", "entropy"]
+    assert [n for n, _ in seen] == [1, 2, 2, 3]  # FP32, max, mse (failed), entropy
+    assert [len(res["rows"]) for _, res in seen] == [1, 2, 2, 3]  # results.json rewritten after every row
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["failed"] == [{"config": "W8A8", "method": "mse", "error": "RuntimeError: planted failure"}]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="planted"):
+        run_table(task, [8], ["max", "mse"], None, progress=False)

@@ -27,7 +27,8 @@ class ActivationObserver:
         self.calls += 1
         self.amax = max(self.amax, float(x.abs().max())) if x.numel() else self.amax
         if self.hist is not None and self.hist_range:
-            self.hist += torch.histc(x.abs().clamp_max(self.hist_range), self.bins, 0, self.hist_range).double()
+            # histc runs where x lives (GPU or CPU); the running histogram stays on the CPU.
+            self.hist += torch.histc(x.abs().clamp_max(self.hist_range), self.bins, 0, self.hist_range).double().cpu()
         if self.max_elements:
             self._sample(x)
 

@@ -11,11 +11,11 @@
 ``tensorrt`` is imported lazily by :func:`build_engine` / :class:`TrtRunner`.
 """
 from .errors import ExportError
-from .onnx import (MODES, check_exportable, count_qdq, export_context, export_metadata,
+from .onnx import (MODES, check_exportable, fold_weight_quantizers, count_qdq, export_context, export_metadata,
                    export_qdq_onnx, op_counts, qdq_nodes)
-from .ort import INTEGER_OPS, OrtRunner, integer_ops, ort_optimized_model
+from .ort import INTEGER_OPS, OrtRunner, int8_kernels_exact, integer_ops, ort_optimized_model
 from .tensorrt import TrtRunner, build_engine
 
-__all__ = ["ExportError", "MODES", "check_exportable", "count_qdq", "export_context",
+__all__ = ["int8_kernels_exact", "ExportError", "MODES", "check_exportable", "fold_weight_quantizers", "count_qdq", "export_context",
            "export_metadata", "export_qdq_onnx", "op_counts", "qdq_nodes", "INTEGER_OPS",
            "OrtRunner", "integer_ops", "ort_optimized_model", "TrtRunner", "build_engine"]

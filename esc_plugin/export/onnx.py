@@ -6,9 +6,11 @@
 
 What the graph holds (``mode="qdq"``, the default):
 
-* every quantized weight: ``W (float initializer) -> QuantizeLinear -> DequantizeLinear``
+* every quantized weight: an int8 initializer (its codes) ``-> DequantizeLinear``
   with a per-output-channel scale (1-D, ``axis`` attribute, length = output
-  channels) and an int8 zero point of zeros;
+  channels) and an int8 zero point of zeros, so the file holds int8 weights
+  (``int8_weights=False`` keeps ``W (float) -> QuantizeLinear -> DequantizeLinear``,
+  which runtimes fold to the same thing at load);
 * every quantized activation: ``x -> QuantizeLinear -> DequantizeLinear`` with a
   scalar scale ``amax / 127`` and an int8 zero point 0, on the input of the op;
 * everything else in float. This is the "explicit quantization" layout
@@ -342,7 +344,7 @@ def _row_slice_qweight(module, pname, weight, mode):
 # ---------------------------------------------------------------- export
 
 def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dynamic_axes=None,
-                    opset=17, mode="qdq", clip_activations=False):
+                    opset=17, mode="qdq", clip_activations=False, int8_weights=True):
     """Write ``qmodel`` (from ``esc.quantize``) to ``path`` as a QDQ ONNX model.
 
     Arguments
@@ -388,8 +390,8 @@ def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dyn
     >>> q = esc.quantize(model, esc.QuantConfig(bits=8, method="max"), loop, progress=False)
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = export_qdq_onnx(q, data[0], os.path.join(tmp.name, "m.onnx"), ["x"], ["y"])
-    >>> count_qdq(path)  # 2 activations + 2 weights
-    {'QuantizeLinear': 4, 'DequantizeLinear': 4}
+    >>> count_qdq(path)  # 2 activations (Q + DQ) + 2 int8 weights (DQ only)
+    {'QuantizeLinear': 2, 'DequantizeLinear': 4}
     >>> tmp.cleanup()
     """
     import onnx
@@ -441,9 +443,12 @@ def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dyn
                 raise ExportError("the exported graph has no QuantizeLinear node although the model has "
                                   f"{n_quantizers} enabled quantizers: the fake quantization was not "
                                   "exported (was torch.onnx.export patched or run with dynamo=True?).")
+            if mode == "qdq" and int8_weights:
+                fold_weight_quantizers(model)
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits,
                     "act_bits": plan.config.act_bits, "method": plan.config.method,
-                    "clip_activations": bool(clip_activations)}
+                    "clip_activations": bool(clip_activations),
+                    "int8_weights": bool(mode == "qdq" and int8_weights)}
             for key, value in meta.items():
                 entry = model.metadata_props.add()
                 entry.key, entry.value = METADATA_PREFIX + key, str(value)
@@ -455,6 +460,56 @@ def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dyn
     finally:
         qmodel.train(training)
     return path
+
+
+def _constant_values(model):
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def fold_weight_quantizers(model):
+    """Turn every ``initializer -> QuantizeLinear`` of ``model`` (an ONNX ModelProto,
+    changed in place) into an int8 initializer holding the codes.
+
+    ONNX QuantizeLinear is ``saturate(round_half_even(x / scale) + zero_point)``;
+    it is evaluated here with numpy in float32, which is what ONNX Runtime's
+    constant folding computes too. Returns the number of folded weights.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    values = _constant_values(model)
+    weights = {t.name for t in model.graph.initializer}
+    kept, folded = [], []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in weights:
+            kept.append(node)
+            continue
+        w, scale = values[node.input[0]], values[node.input[1]]
+        zero = values[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int8)
+        if zero.dtype != np.int8:
+            raise ExportError(f"{node.name}: zero point of type {zero.dtype}; only int8 weights are folded.")
+        if scale.ndim == 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        q = np.clip(np.rint(w / scale) + zero.astype(np.float32), -128, 127).astype(np.int8)
+        folded.append(numpy_helper.from_array(q, node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    initializers = [t for t in model.graph.initializer if t.name in used] + folded
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    return len(folded)
 
 
 # ---------------------------------------------------------------- inspection helpers

@@ -1,0 +1,173 @@
+"""Models of the latency benchmark (``benchmarks/latency.py``), and the hook for adding one.
+
+A model is described by a :class:`BenchModel`: the FP32 ``torch.nn.Module``
+(one tensor in, one tensor out, eval mode), real inputs of a fixed length
+(``inputs``: at least as many samples as the largest batch measured) and
+calibration batches (``calibration``) for the W8A8 quantization.
+
+Built-in (``--models``):
+
+* ``whisper_encoder``: the Whisper tiny.en encoder (``../shared/models/whisper-tiny.en``),
+  input (batch, 80, 3000) log-mel (30 s, the only length the encoder accepts),
+  output (batch, 1500, 384); inputs and calibration are the shared transcribed
+  clips (SpeechBrain samples, LJSpeech).
+* ``honk``: honk res8-narrow (``../shared/models/honk/res8_narrow.pt``), input
+  (batch, 101, 40) MFCC of 1 s Speech Commands clips, output (batch, 12) logits.
+
+Adding a model (e.g. an in-project Conformer): ``--model package.module:function``
+where ``function(shared_root)`` returns a :class:`BenchModel` or a dict with the
+same fields (only ``name``, ``model``, ``inputs``, ``calibration`` are required)::
+
+    def build(shared_root):
+        model = load_my_conformer(...).eval()       # forward(feats) -> tensor
+        feats = real_features(shared_root, n=8)     # (8, time, n_mels), one fixed length
+        return {"name": "conformer-small", "model": model, "inputs": feats,
+                "calibration": [feats[:4], feats[4:]],
+                "quant_config": {"exclude": ["*.pos_emb*"]}}   # optional QuantConfig fields
+
+The function is called again by the measure phase (``--measure``) to rebuild
+the FP32 model for the PyTorch row; when that fails (package or weights
+missing on the measuring machine) the PyTorch row is skipped with the reason.
+"""
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+N_INPUTS = 8  # real samples kept for the measure phase (the largest default batch)
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark input; the message names the fix."""
+
+
+@dataclass
+class BenchModel:
+    """One model of the latency benchmark.
+
+    Arguments
+    ---------
+    name : str
+        Identifier used for file names and tables.
+    model : torch.nn.Module
+        FP32 model in eval mode; ``model(x)`` returns one tensor.
+    inputs : torch.Tensor
+        Real inputs, (n, ...) with one fixed length; batch b uses the first b
+        (repeated if n < b).
+    calibration : list of torch.Tensor
+        Batches run through the model to calibrate the W8A8 scales.
+    input_name, output_name : str
+        ONNX tensor names.
+    description : str
+        One line for the tables (architecture, input).
+    quant_config : dict
+        Extra ``esc.QuantConfig`` fields (bits=8, method="max" by default).
+    """
+
+    name: str
+    model: torch.nn.Module
+    inputs: torch.Tensor
+    calibration: List[torch.Tensor]
+    input_name: str = "feats"
+    output_name: str = "out"
+    description: str = ""
+    quant_config: Dict = field(default_factory=dict)
+
+
+class WhisperEncoder(torch.nn.Module):
+    """Whisper's encoder as ``log-mel (B, 80, 3000) -> hidden states (B, 1500, d_model)``."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, mel):
+        return self.encoder(mel).last_hidden_state
+
+
+def build_whisper_encoder(shared_root=None, n_calib: int = 2) -> BenchModel:
+    """Whisper tiny.en encoder; inputs = 8 shared clips, calibration = ``n_calib`` others."""
+    from esc_plugin.tasks.audio import resolve_shared_root
+    from esc_plugin.tasks.whisper import load_clips, load_whisper, log_mel
+
+    root = resolve_shared_root(shared_root)
+    model, feature_extractor, _ = load_whisper(root)
+    clips = sorted(load_clips(root), key=lambda c: c["id"])
+    if len(clips) < N_INPUTS + n_calib:
+        raise BenchmarkError(f"need {N_INPUTS + n_calib} transcribed clips in {root}/data, "
+                             f"found {len(clips)}.")
+    feats = log_mel(feature_extractor, [c["wav"] for c in clips[:N_INPUTS + n_calib]])
+    return BenchModel(
+        name="whisper_encoder", model=WhisperEncoder(model.model.encoder).eval(),
+        inputs=feats[:N_INPUTS], calibration=[feats[N_INPUTS:]],
+        input_name="mel", output_name="hidden",
+        description="Whisper tiny.en encoder (2 Conv1d + 4 transformer layers, d 384), "
+                    "log-mel 80x3000 (30 s)")
+
+
+def build_honk(shared_root=None, n_calib: int = 32) -> BenchModel:
+    """honk res8-narrow; inputs = 8 Speech Commands clips, calibration = ``n_calib`` others."""
+    from esc_plugin.tasks.audio import load_audio, pad_or_trim, require_path, resolve_shared_root
+    from esc_plugin.tasks.honk import (LABELS, N_SAMPLES, SAMPLE_RATE, VARIANTS, compute_mfcc,
+                                       list_clips, load_res8)
+
+    root = resolve_shared_root(shared_root)
+    ckpt = require_path(root / "models" / "honk" / "res8_narrow.pt", "honk checkpoint res8_narrow.pt")
+    model = load_res8(ckpt, VARIANTS["res8_narrow"], len(LABELS))
+    clips = list_clips(require_path(root / "data" / "speech_commands", "Speech Commands data"))
+    picked = clips[:: max(1, len(clips) // (N_INPUTS + n_calib))][:N_INPUTS + n_calib]
+    wavs = torch.stack([pad_or_trim(load_audio(p, SAMPLE_RATE), N_SAMPLES) for p, _ in picked])
+    feats = compute_mfcc(wavs)
+    return BenchModel(
+        name="honk", model=model, inputs=feats[:N_INPUTS], calibration=[feats[N_INPUTS:]],
+        input_name="mfcc", output_name="logits",
+        description="honk res8-narrow (7 Conv2d 3x3, 19 maps), MFCC 101x40 (1 s)")
+
+
+BUILTINS = {"whisper_encoder": build_whisper_encoder, "honk": build_honk}
+
+
+def builder_of(source: str):
+    """The builder function of a built-in name or of ``package.module:function``."""
+    if source in BUILTINS:
+        return BUILTINS[source]
+    if ":" not in source:
+        raise BenchmarkError(f"unknown model {source!r}: use one of {sorted(BUILTINS)} or "
+                             "--model package.module:function (see benchmarks/latency_models.py).")
+    module, func = source.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        raise BenchmarkError(f"cannot load the model builder {source!r}: {exc}. Run from the "
+                             "repository root or put the package on PYTHONPATH.") from exc
+
+
+def as_bench_model(obj, source: str) -> BenchModel:
+    """Normalise what a builder returned (BenchModel, dict, or an object with the fields)."""
+    if isinstance(obj, BenchModel):
+        spec = obj
+    else:
+        get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
+        missing = [k for k in ("name", "model", "inputs", "calibration") if get(k) is None]
+        if missing:
+            raise BenchmarkError(f"the builder {source!r} returned no {missing}: return a "
+                                 "BenchModel or a dict with name, model, inputs, calibration.")
+        spec = BenchModel(**{k: get(k) for k in BenchModel.__dataclass_fields__ if get(k) is not None})
+    if not isinstance(spec.model, torch.nn.Module):
+        raise BenchmarkError(f"{source!r}: model must be a torch.nn.Module, got {type(spec.model).__name__}.")
+    if not torch.is_tensor(spec.inputs) or spec.inputs.dim() < 2 or spec.inputs.dtype != torch.float32:
+        raise BenchmarkError(f"{source!r}: inputs must be a float32 tensor (n, ...) of real samples, "
+                             f"got {getattr(spec.inputs, 'shape', type(spec.inputs))}.")
+    if isinstance(spec.calibration, torch.Tensor):
+        spec.calibration = [spec.calibration]
+    if not spec.calibration:
+        raise BenchmarkError(f"{source!r}: calibration must be a non-empty list of input batches.")
+    spec.model.eval()
+    return spec
+
+
+def build(source: str, shared_root: Optional[Path] = None) -> BenchModel:
+    """Build the :class:`BenchModel` of a built-in name or ``package.module:function``."""
+    return as_bench_model(builder_of(source)(shared_root), source)
