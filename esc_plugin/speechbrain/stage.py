@@ -14,7 +14,6 @@ the calibration objective *is* the recipe's metric on the first
 import contextlib
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +25,7 @@ from ..core.api import load as esc_load, quantize, save as esc_save
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
 from .binding import bound_modules
-from .metric import LOSS, check_direction, choose_tracker, find_trackers, read_value
+from .metric import LOSS, check_direction, choose_tracker, read_value
 from .settings import read_settings
 
 TEST = sb.Stage.TEST

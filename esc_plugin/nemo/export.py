@@ -1,0 +1,99 @@
+"""NeMo ``model.export("x.onnx")`` of a quantized model, with QuantizeLinear / DequantizeLinear nodes.
+
+NeMo's exporter (``Exportable.export``: ``forward_for_export`` = encoder +
+decoder, its input / output names and dynamic axes, ``torch.onnx.export(...,
+dynamo=False)``) is kept; it runs inside
+:func:`esc_plugin.export.export_context`, which routes each enabled quantizer
+through esc_plugin's Q/DQ symbolic (modelopt's own asserts on the narrow-range
+int8 quantizers esc_plugin uses). ``use_dynamo=True`` is refused: the dynamo
+exporter (``torch.export``) ignores ``autograd.Function`` symbolics, so the
+graph would lose every Q/DQ node. After NeMo has written the graph, the file is
+checked (QuantizeLinear present unless ``mode="simulation"``,
+``onnx.checker.check_model(full_check=True)``), gets esc_plugin's metadata,
+and replaces ``output`` atomically.
+
+The ONNX inputs are the preprocessor's features (``audio_signal``: batch x
+features x time, ``length``), as for NeMo's FP32 export: the float
+preprocessor is not part of the graph.
+"""
+import os
+from pathlib import Path
+
+from ..core.io import atomic_path
+from ..export import ExportError, check_exportable, export_context, op_counts
+from ..export.onnx import METADATA_PREFIX
+
+
+def _base_export(qmodel):
+    """NeMo's ``Exportable.export`` of the original class (skipping :class:`QuantizedASRModel`)."""
+    from .quantize import QuantizedASRModel
+    return super(QuantizedASRModel, qmodel).export
+
+
+def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=False, use_dynamo=False,
+                               **nemo_export_args):
+    """Export a quantized NeMo model with NeMo's exporter; returns NeMo's ``(outputs, descriptions)``.
+
+    Arguments
+    ---------
+    qmodel : QuantizedASRModel
+        From :func:`~esc_plugin.nemo.quantize_asr_model` / ``restore_quantized_asr_model``.
+    output : str
+        ``.onnx`` file, written atomically.
+    mode, clip_activations
+        As in :func:`esc_plugin.export.export_qdq_onnx` (``"qdq"`` int8 Q/DQ by default).
+    use_dynamo : bool
+        Must stay False (see the module doc).
+    **nemo_export_args
+        NeMo's ``export`` arguments (``input_example``, ``dynamic_axes``,
+        ``onnx_opset_version`` (default 17), ``check_trace``...).
+    """
+    import onnx
+
+    from .quantize import is_quantized_asr_model
+    if not is_quantized_asr_model(qmodel):
+        raise ExportError(f"{type(qmodel).__name__} is not quantized by esc_plugin.nemo: export FP32 "
+                          "models with NeMo's model.export, quantized ones after quantize_asr_model.")
+    if use_dynamo:
+        raise ExportError("use_dynamo=True goes through torch.export, which ignores the Q/DQ symbolics "
+                          "of the fake quantization (no QuantizeLinear would be written): leave "
+                          "use_dynamo=False (NeMo's default, the TorchScript exporter).")
+    output = os.fspath(output)
+    if Path(output).suffix != ".onnx":
+        raise ExportError(f"{output}: a quantized model exports to ONNX only (.onnx); TorchScript "
+                          "would keep the fake quantization as float ops, with no Q/DQ nodes.")
+    if qmodel.list_export_subnets() != ["self"]:
+        raise ExportError(f"{type(qmodel).__name__} exports several sub-networks "
+                          f"{qmodel.list_export_subnets()}; esc_plugin.nemo exports single-graph CTC models.")
+    plan = check_exportable(qmodel, mode)
+    if (nemo_export_args.get("onnx_opset_version") or 17) < 13:
+        raise ExportError("onnx_opset_version < 13: per-channel QuantizeLinear needs opset >= 13; use 17.")
+    training = qmodel.training
+    requires_grad = {name: p.requires_grad for name, p in qmodel.named_parameters()}
+    try:
+        with atomic_path(output) as tmp:
+            with export_context(qmodel, mode, clip_activations):
+                outputs, descriptions = _base_export(qmodel)(tmp, use_dynamo=False, **nemo_export_args)
+            graph = onnx.load(tmp)
+            n_quantize = op_counts(graph).get("QuantizeLinear", 0)
+            if mode != "simulation" and not n_quantize:
+                raise ExportError("NeMo's export wrote no QuantizeLinear node although the model is "
+                                  "quantized: the fake quantization was not exported (was "
+                                  "torch.onnx.export patched, or dynamo used?).")
+            meta = {"mode": mode, "weight_bits": plan.config.weight_bits, "act_bits": plan.config.act_bits,
+                    "method": plan.config.method, "clip_activations": bool(clip_activations),
+                    "exporter": "nemo"}
+            for key, value in meta.items():
+                entry = graph.metadata_props.add()
+                entry.key, entry.value = METADATA_PREFIX + key, str(value)
+            onnx.checker.check_model(graph, full_check=True)
+            with open(tmp, "wb") as f:
+                f.write(graph.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        # NeMo's export turns off requires_grad and sets eval(); give the model back as it was.
+        for name, p in qmodel.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        qmodel.train(training)
+    return [output] * len(outputs), descriptions
