@@ -265,3 +265,18 @@ def test_scale_search_ignores_the_global_numpy_rng():
 
     assert np.array_equal(run(1), run(2))
     assert np.all(run(1) > 0)
+
+
+def test_torch_transformer_layers_are_quantized_in_eval_no_grad():
+    """nn.TransformerEncoderLayer's fused eval fast path must not bypass the quantizers."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(4, 10, 32)
+    q = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), lambda m: m(x), progress=False)
+    with torch.no_grad():
+        ref, out_nograd = model(x), q(x)
+    out_grad = q(x).detach()
+    assert torch.equal(out_nograd, out_grad)           # same path with and without gradients
+    assert (out_nograd - ref).abs().max() > 1e-3       # and really quantized
+    assert torch.backends.mha.get_fastpath_enabled()   # the global switch is restored

@@ -271,6 +271,33 @@ def _mha_fastpath_off():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
+_FUSED_TRANSFORMER_TYPES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def keep_transformer_layers_unfused(model):
+    """Turn torch's fused transformer fast path off while these layers run.
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` (and
+    ``TransformerEncoder`` / ``TransformerDecoderLayer``) run one fused kernel
+    that never reaches the layers' Linear / LayerNorm modules, so their
+    quantizers would be silently skipped. Hooks on the quantized copy only.
+    """
+    saved = []
+
+    def off(module, args):
+        saved.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def restore(module, args, output):
+        if saved:
+            torch.backends.mha.set_fastpath_enabled(saved.pop())
+
+    for module in model.modules():
+        if isinstance(module, _FUSED_TRANSFORMER_TYPES):
+            module.register_forward_pre_hook(off)
+            module.register_forward_hook(restore, always_call=True)
+
+
 def _safe(key):
     """A ModuleDict key for a parameter name / call site."""
     return key.replace(".", "_").replace("[", "_").replace(":", "_").replace("]", "")

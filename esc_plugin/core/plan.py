@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from .errors import QuantizationError
-from .modules import (functional_children, uses_functional_weights, wrap_functional,
-                      wrap_module, wrappable)
+from .modules import (functional_children, keep_transformer_layers_unfused, uses_functional_weights,
+                      wrap_functional, wrap_module, wrappable)
 from .observers import ActivationObserver
 
 
@@ -104,6 +104,7 @@ def insert_quantizers(model, config):
             "nn.Linear and nn.LayerNorm modules and F.linear calls on a module's own 2-D parameters. "
             "Pass the sub-module that holds them, or check QuantConfig.exclude."
         )
+    keep_transformer_layers_unfused(qmodel)
     qmodel.__dict__["esc_plan"] = plan
     return qmodel, plan
 
