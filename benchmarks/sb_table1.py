@@ -57,9 +57,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for results.json / results.md (and the recipe's runs)")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then options for every recipe run")
-    args = p.parse_args(argv)
-    extra = [a for a in args.extra if a != "--"]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" goes to the recipe (split first: argparse.REMAINDER would swallow --out).
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.makedirs(args.out, exist_ok=True)
     run_dir = os.path.join(args.out, "run")
     log = os.path.join(args.out, "recipe.log")
@@ -81,7 +82,7 @@ def main(argv=None):
     keys = sorted({k for r in rows for k in (r["metrics"] or {})})
     write_json(os.path.join(args.out, "results.json"), {"recipe": args.train_py, "hparams": args.hparams,
                                                          "extra": extra, "rows": rows})
-    cmd = "python benchmarks/sb_table1.py " + " ".join([args.train_py, args.hparams, "--out", args.out] +
+    cmd = "python benchmarks/sb_table1.py " + " ".join(["--out", args.out, args.train_py, args.hparams] +
                                                        (["--"] + extra if extra else []))
     md = f"### {os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))}\n\n{table(rows, keys)}\n\n`{cmd}`\n"
     write_bytes(os.path.join(args.out, "results.md"), md.encode())

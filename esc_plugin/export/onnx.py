@@ -541,14 +541,8 @@ def export_metadata(path_or_model):
 def qdq_nodes(path_or_model):
     """One dict per QuantizeLinear / DequantizeLinear node: ``op``, ``name``, ``input``,
     ``axis`` (None if absent), ``scale`` and ``zero_point`` (numpy arrays, None if not constant)."""
-    from onnx import numpy_helper
     model = _load(path_or_model)
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    consts = _constant_values(model)
     out = []
     for n in model.graph.node:
         if n.op_type not in QDQ_OPS:
