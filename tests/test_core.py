@@ -113,9 +113,19 @@ def test_deterministic_and_resumable(setup, tmp_path):
     def objective(m):
         # Resuming reproduces the run exactly for a deterministic objective. CPU
         # BLAS results can differ in the last bits with buffer alignment, which
-        # flips CMA-ES rankings of near-equal candidates: compare on 4 digits.
-        return round(exact(m), 4)
+        # flips CMA-ES rankings of near-equal candidates (seen once under heavy machine
+        # load with 4 digits): compare on 3 digits, single-threaded.
+        return round(exact(m), 3)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_resume(model, loop, objective, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_resume(model, loop, objective, tmp_path):
     cfg = dict(bits=4, budget=24, popsize=6, seed=3)
     a = esc.quantize(model, esc.QuantConfig(**cfg), loop, objective, progress=False)
     calls = {"n": 0}

@@ -1,9 +1,21 @@
-"""Toolkit-agnostic core: quantizers, calibrators, the ESC optimizer, reports."""
-from .api import load, quantize, save
-from .config import METHODS, QuantConfig
-from .errors import CalibrationError, ConfigError, ObjectiveError, QuantizationError
-from .report import QuantReport
-from .search import ScaleSearch
+"""Toolkit-agnostic core: quantizers, calibrators, the ESC optimizer, reports.
 
-__all__ = ["quantize", "save", "load", "QuantConfig", "QuantReport", "ScaleSearch", "METHODS",
-           "QuantizationError", "ConfigError", "CalibrationError", "ObjectiveError"]
+Names load on first use (PEP 562): ``quantize`` / ``save`` / ``load`` pull in
+modelopt (~15 s), which ``QuantConfig`` and the errors do not need.
+"""
+import importlib
+
+_WHERE = {"quantize": "api", "save": "api", "load": "api", "QuantConfig": "config", "METHODS": "config",
+          "QuantReport": "report", "ScaleSearch": "search", "QuantizationError": "errors",
+          "ConfigError": "errors", "CalibrationError": "errors", "ObjectiveError": "errors"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'esc_plugin.core' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -7,7 +7,6 @@ working unchanged.
 """
 import copy
 
-from ..core.api import quantize
 from ..core.config import QuantConfig
 from .binding import bound_modules
 
@@ -44,6 +43,7 @@ def quantize_interface(interface, config=None, forward_loop=None, objective=None
     >>> q.mods is not iface.mods, len(q.esc_report.quantized_ops)
     (True, 2)
     """
+    from ..core.api import quantize  # modelopt: imported only when used
     mods = interface.mods
 
     def wrap(fn):

@@ -21,7 +21,6 @@ import speechbrain as sb
 from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.train_logger import FileTrainLogger
 
-from ..core.api import load as esc_load, quantize, save as esc_save
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
 from .binding import bound_modules
@@ -89,6 +88,8 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     settings = read_settings(hparams)
     if settings is None:
         return None
+    # modelopt (behind core.api) takes ~15 s to import: only pay it when quantizing.
+    from ..core.api import quantize
     cfg, folder = settings.config, settings.output_folder
     _check_output_folder(brain, folder)
     n = cfg.n_samples
@@ -145,6 +146,7 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
 def save_quantized(qmodules, folder):
     """Write ``quantized.pt`` (esc state), a SpeechBrain checkpoint of the quantized modules,
     ``report.json`` and the plots into ``folder``."""
+    from ..core.api import save as esc_save
     os.makedirs(folder, exist_ok=True)
     esc_save(qmodules, os.path.join(folder, "quantized.pt"))
     ckpt = Checkpointer(os.path.join(folder, "checkpoint"), recoverables=dict(qmodules.items()))
@@ -172,6 +174,7 @@ def load_quantized(brain_or_modules, folder):
         The quantized copy; use ``with bound_modules(brain, qmodules):`` (or
         ``StageResult.applied``) to run the Brain with it.
     """
+    from ..core.api import load as esc_load
     modules = getattr(brain_or_modules, "modules", brain_or_modules)
     state = os.path.join(folder, "quantized.pt")
     if not os.path.exists(state):
