@@ -6,8 +6,8 @@ Training: speaker classification with an additive-angular-margin softmax
 (as SpeechBrain's VoxCeleb recipe) over the Speech Commands speakers.
 Test: cosine scoring of LibriSpeech trials (speakers never seen in training),
 EER (%) and minDCF (normalized, p_target = 0.01).
-Quantization: calibration items are trials; the stage optimises the EER of the
-calibration trials (see README.md).
+Quantization: calibration items are trials; the stage optimises
+``EER+gaussian_EER`` of the calibration trials (see README.md).
 
 To run:
     python train.py hparams/ecapa.yaml --data_folder=../../../../../shared/data
@@ -26,7 +26,7 @@ from speechbrain.utils.distributed import run_on_main
 
 from esc_plugin.speechbrain import quantize_brain
 from librispeech_prepare import prepare_verification_trials  # symlink to ../librispeech_prepare.py
-from speech_commands_prepare import prepare_speech_commands_speakers
+from speaker_clips_prepare import prepare_speech_commands_speakers
 from verification import cosine_scores, embed_trials, trial_datasets  # symlink to ../verification.py
 
 

@@ -5,10 +5,10 @@ verification trials, then (optionally) quantized with ESC.
 Nothing is trained: the Pretrainer loads ``pretrained_path`` into the encoder
 (``save_folder`` only gets a link to it). Test: cosine scoring of the trials,
 EER (%) and minDCF (normalized, p_target = 0.01). Quantization: calibration
-items are trials; the stage optimises the EER of the calibration trials. Only
-the encoder's Linear layer is quantized: the LSTM stays in float (the
-quantizer covers Linear / Conv / LayerNorm inputs), which the coverage report
-lists.
+items are trials; the stage optimises ``EER+gaussian_EER`` of the calibration
+trials (see README.md). Only the encoder's Linear layer is quantized: the LSTM
+stays in float (the quantizer covers Linear / Conv / LayerNorm inputs), which
+the coverage report lists.
 
 To run:
     python train.py hparams/ge2e.yaml --data_folder=../../../../../shared/data \
