@@ -57,12 +57,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for results.json / results.md (and the recipe's runs)")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--run-dir", help="the recipe's --output_folder (default <out>/run); point it at an already "
+                                     "trained recipe folder to quantize that checkpoint instead of training anew")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after "--" goes to the recipe (split first: argparse.REMAINDER would swallow --out).
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.makedirs(args.out, exist_ok=True)
-    run_dir = os.path.join(args.out, "run")
+    run_dir = args.run_dir or os.path.join(args.out, "run")
     log = os.path.join(args.out, "recipe.log")
     base = extra + [f"--output_folder={run_dir}"]
     rows = []
@@ -79,14 +81,21 @@ def main(argv=None):
             rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
                          "objective": m["calibration_objective"], "seconds": m.get("seconds"),
                          "recipe_seconds": seconds})
+            md = write_results(args, extra, rows)  # after every row: a failed later run keeps the earlier ones
+    print(md)
+
+
+def write_results(args, extra, rows):
     keys = sorted({k for r in rows for k in (r["metrics"] or {})})
     write_json(os.path.join(args.out, "results.json"), {"recipe": args.train_py, "hparams": args.hparams,
                                                          "extra": extra, "rows": rows})
-    cmd = "python benchmarks/sb_table1.py " + " ".join(["--out", args.out, args.train_py, args.hparams] +
+    cmd = "python benchmarks/sb_table1.py " + " ".join(["--out", args.out] +
+                                                       (["--run-dir", args.run_dir] if args.run_dir else []) +
+                                                       [args.train_py, args.hparams] +
                                                        (["--"] + extra if extra else []))
     md = f"### {os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))}\n\n{table(rows, keys)}\n\n`{cmd}`\n"
     write_bytes(os.path.join(args.out, "results.md"), md.encode())
-    print(md)
+    return md
 
 
 if __name__ == "__main__":
