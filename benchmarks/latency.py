@@ -585,6 +585,9 @@ def parse_args(argv):
                    help="keep adding rounds (up to 1000) until a batch/thread setting took this long")
     p.add_argument("--profile-runs", type=int, default=3, help="profiled ORT runs per model (0: none)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch FP32 row")
+    p.add_argument("--quantize-attention", action="store_true",
+                   help="export phase: QuantConfig(quantize_attention=True), i.e. also the attention "
+                        "products Q K^T and P V (outside the paper's op set)")
     p.add_argument("--load-note", default="", help="free text on the machine load, for the report")
     args = p.parse_args(argv)
     if args.measure and (args.export_only or args.out):
@@ -610,7 +613,8 @@ def main(argv=None):
             sys.path.insert(0, str(HERE))
         from latency_export import export_all
         models = DEFAULT_MODELS if args.models is None else args.models
-        export_all(models + args.model, args.out, shared, command)
+        export_all(models + args.model, args.out, shared, command,
+                   {"quantize_attention": True} if args.quantize_attention else {})
         if args.export_only:
             print(f"[export] wrote {Path(args.out) / 'manifest.json'}")
             return 0

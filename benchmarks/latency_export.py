@@ -52,8 +52,9 @@ def export_fp32(spec, path):
     return path
 
 
-def quantize_w8a8(spec):
-    """W8A8 quantized copy of ``spec.model`` (esc_plugin, ``QuantConfig(bits=8, method="max")``)."""
+def quantize_w8a8(spec, overrides=None):
+    """W8A8 quantized copy of ``spec.model`` (esc_plugin, ``QuantConfig(bits=8, method="max")``
+    plus the model's and the command line's ``overrides``)."""
     import esc_plugin as esc
 
     def forward_loop(model):
@@ -61,7 +62,7 @@ def quantize_w8a8(spec):
             for batch in spec.calibration:
                 model(batch)
 
-    cfg = esc.QuantConfig(**{**QUANT_DEFAULTS, **spec.quant_config})
+    cfg = esc.QuantConfig(**{**QUANT_DEFAULTS, **spec.quant_config, **(overrides or {})})
     return esc.quantize(spec.model, cfg, forward_loop, progress=False)
 
 
@@ -117,7 +118,7 @@ def _git_commit():
         return "unknown"
 
 
-def export_model(source, out_dir, shared_root=None):
+def export_model(source, out_dir, shared_root=None, overrides=None):
     """Export one model (built-in name or ``module:function``); returns its manifest entry."""
     from esc_plugin.core.io import atomic_path
 
@@ -129,7 +130,7 @@ def export_model(source, out_dir, shared_root=None):
         with open(tmp, "wb") as f:
             np.save(f, spec.inputs.numpy().astype(np.float32))
     export_fp32(spec, folder / "fp32.onnx")
-    qmodel = quantize_w8a8(spec)
+    qmodel = quantize_w8a8(spec, overrides)
     from esc_plugin.export import export_qdq_onnx
 
     export_qdq_onnx(qmodel, (spec.inputs[:1],), folder / "int8_qdq.onnx", [spec.input_name],
@@ -147,7 +148,7 @@ def export_model(source, out_dir, shared_root=None):
         "inputs": "inputs.npy", "files": files,
         "bytes": {k: os.path.getsize(folder / v) for k, v in files.items()},
         "quantization": {
-            "config": {**QUANT_DEFAULTS, **spec.quant_config},
+            "config": {**QUANT_DEFAULTS, **spec.quant_config, **(overrides or {})},
             "calibration_samples": int(sum(len(b) for b in spec.calibration)),
             "quantized_ops": len(report.quantized_ops),
             "float_ops": [{k: c.get(k) for k in ("name", "op", "reason")} for c in report.float_ops],
@@ -158,7 +159,7 @@ def export_model(source, out_dir, shared_root=None):
     }
 
 
-def export_all(sources, out_dir, shared_root=None, command=""):
+def export_all(sources, out_dir, shared_root=None, command="", overrides=None):
     """Export every model and write ``out_dir/manifest.json``; returns the manifest."""
     import onnx
     import onnxruntime
@@ -168,7 +169,7 @@ def export_all(sources, out_dir, shared_root=None, command=""):
     models = []
     for source in sources:
         print(f"[export] {source} ...", flush=True)
-        entry = export_model(source, out_dir, shared_root)
+        entry = export_model(source, out_dir, shared_root, overrides)
         print(f"[export] {entry['name']}: {entry['bytes']} bytes, integer ops "
               f"{entry['ort_int8_graph']['integer_ops']} ({entry['export_seconds']} s)", flush=True)
         models.append(entry)

@@ -8,7 +8,12 @@ checkpoint on every later run) with ``--quantize=<method>`` and collects the
         recipes/SpeechCommands/KWS/ast/hparams/ast.yaml --out benchmarks/results/sb_ast \\
         -- --data_folder=../shared/data/speech_commands
 
-Everything after ``--`` is passed to every recipe run.
+Everything after ``--`` is passed to every recipe run. Besides the five
+calibrators, ``--methods`` takes ``esc_initbest``: ESC composed with the
+baselines (``init: best``: CMA-ES starts from whichever of the output-MSE init
+and the max / percentile / entropy / mse scales scores best on the objective).
+Rows already in ``<out>/results.json`` for the same recipe are kept unless
+re-run, so rows can be added by later runs.
 """
 import argparse
 import json
@@ -21,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 
 METHODS = ("max", "percentile", "entropy", "mse", "esc")
+VARIANTS = {"esc_initbest": ("esc", {"init": "best"})}  # row name -> (quantize:, extra quantization: keys)
+ORDER = METHODS + tuple(VARIANTS)
 
 
 def run_recipe(train_py, hparams, extra, log):
@@ -56,7 +63,7 @@ def main(argv=None):
     p.add_argument("hparams")
     p.add_argument("--out", required=True, help="folder for results.json / results.md (and the recipe's runs)")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ORDER)
     p.add_argument("--run-dir", help="the recipe's --output_folder (default <out>/run); point it at an already "
                                      "trained recipe folder to quantize that checkpoint instead of training anew")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -67,33 +74,59 @@ def main(argv=None):
     run_dir = args.run_dir or os.path.join(args.out, "run")
     log = os.path.join(args.out, "recipe.log")
     base = extra + [f"--output_folder={run_dir}"]
-    rows = []
+    rows, commands = _previous_rows(args)
+    commands = [c for c in commands if c != _command(args, extra)] + [_command(args, extra)]
     for bits in args.bits:
         for method in args.methods:
+            quantize, options = VARIANTS.get(method, (method, {}))
+            block = "{" + ", ".join(f"{k}: {v}" for k, v in {"bits": bits, **options}.items()) + "}"
             seconds = run_recipe(args.train_py, args.hparams,
-                                 base + [f"--quantize={method}", f"--quantization={{bits: {bits}}}"], log)
+                                 base + [f"--quantize={quantize}", f"--quantization={block}"], log)
             folder = os.path.join(run_dir, "quantized", f"{method}_w{bits}a{bits}")
             with open(os.path.join(folder, "metrics.json")) as f:
                 m = json.load(f)
-            if not rows:
-                rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
-                             "seconds": None})
+            rows = [r for r in rows if (r["config"], r["method"]) not in
+                    (("FP32", "-"), (f"W{bits}A{bits}", method))]
+            rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
+                         "seconds": None})
             rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
                          "objective": m["calibration_objective"], "seconds": m.get("seconds"),
-                         "recipe_seconds": seconds})
-            md = write_results(args, extra, rows)  # after every row: a failed later run keeps the earlier ones
+                         "recipe_seconds": seconds, "extra": extra})
+            rows.sort(key=_row_order)
+            md = write_results(args, extra, rows, commands)  # after every row: a failed later run keeps the earlier ones
     print(md)
 
 
-def write_results(args, extra, rows):
+def _row_order(row):
+    bits = 99 if row["config"] == "FP32" else int(row["config"][1:row["config"].index("A")])
+    return -bits, ORDER.index(row["method"]) if row["method"] in ORDER else -1
+
+
+def _previous_rows(args):
+    """Rows and commands of an earlier results.json of the same recipe in ``--out``."""
+    path = os.path.join(args.out, "results.json")
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as f:
+        previous = json.load(f)
+    if previous.get("recipe") != args.train_py:
+        return [], []
+    return previous["rows"], previous.get("commands", [])
+
+
+def _command(args, extra):
+    return "python benchmarks/sb_table1.py " + " ".join(
+        ["--out", args.out] + (["--run-dir", args.run_dir] if args.run_dir else []) +
+        (["--bits"] + [str(b) for b in args.bits]) + (["--methods"] + args.methods) +
+        [args.train_py, args.hparams] + (["--"] + extra if extra else []))
+
+
+def write_results(args, extra, rows, commands):
     keys = sorted({k for r in rows for k in (r["metrics"] or {})})
     write_json(os.path.join(args.out, "results.json"), {"recipe": args.train_py, "hparams": args.hparams,
-                                                         "extra": extra, "rows": rows})
-    cmd = "python benchmarks/sb_table1.py " + " ".join(["--out", args.out] +
-                                                       (["--run-dir", args.run_dir] if args.run_dir else []) +
-                                                       [args.train_py, args.hparams] +
-                                                       (["--"] + extra if extra else []))
-    md = f"### {os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))}\n\n{table(rows, keys)}\n\n`{cmd}`\n"
+                                                         "extra": extra, "rows": rows, "commands": commands})
+    name = os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))
+    md = f"### {name}\n\n{table(rows, keys)}\n\n" + "\n".join(f"`{c}`  " for c in commands) + "\n"
     write_bytes(os.path.join(args.out, "results.md"), md.encode())
     return md
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .attention import add_attention_site, attention_sites
 from .config import QuantConfig
 from .coverage import build_coverage, trace_ops
 from .errors import CalibrationError, ConfigError, ObjectiveError
@@ -289,6 +290,7 @@ def save(qmodel, path):
         "amax": {p.name: (float(p.input_quantizer.amax) if p.input_quantizer.is_enabled else None)
                  for p in plan.points},
         "sites": sites,
+        "attention_sites": attention_sites(qmodel),
         "weights_fingerprint": _weights_fingerprint(plan),
         "report": qmodel.esc_report.to_dict() if hasattr(qmodel, "esc_report") else None,
     }
@@ -306,6 +308,8 @@ def load(model, path):
     modules = dict(qmodel.named_modules())
     for name, pname, key, size, stride, offset in state["sites"]:
         modules[name].esc_add_site(pname, key, tuple(size), tuple(stride), offset)
+    for name in state.get("attention_sites", []):
+        add_attention_site(modules[name], name, plan)
     by_name = {p.name: p for p in plan.points}
     missing = sorted(set(state["amax"]) ^ set(by_name))
     if missing:

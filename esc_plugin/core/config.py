@@ -61,6 +61,12 @@ class QuantConfig:
         ``fnmatch`` patterns of module names to leave in float (reported as such).
     quantize_layernorm : bool
         Quantize LayerNorm inputs, as the paper does.
+    quantize_attention : bool
+        Also quantize the attention products ``Q K^T`` and ``P V`` of modules
+        that call ``F.scaled_dot_product_attention`` (Q, K, V calibrated like
+        every activation, softmax probabilities with the fixed amax 1). Off by
+        default: outside the paper's op set, but needed for INT8 attention in a
+        deployed graph. See :mod:`esc_plugin.core.attention`.
     init : str
         ESC: ``"output_mse"`` (paper Eq. 4) starts CMA-ES from the per-layer
         output-MSE grid search; ``"best"`` also evaluates the max / percentile /
@@ -91,6 +97,7 @@ class QuantConfig:
     init_max_elements: int = 1 << 18
     exclude: Tuple[str, ...] = ()
     quantize_layernorm: bool = True
+    quantize_attention: bool = False
     init: str = "output_mse"
     keep_init_if_worse: bool = True
     checkpoint: Optional[str] = None

@@ -5,6 +5,7 @@ import fnmatch
 import torch
 import torch.nn as nn
 
+from .attention import mark_attention_modules
 from .errors import QuantizationError
 from .modules import (functional_children, keep_transformer_layers_unfused, uses_functional_weights,
                       wrap_functional, wrap_module, wrappable)
@@ -98,13 +99,15 @@ def insert_quantizers(model, config):
             skip.update(functional_children(module))
             wrap_functional(module, name, config.weight_bits, config.act_bits, plan.add_point)
             n_functional += 1
-    if not plan.points and not n_functional:
+    if not plan.points and not n_functional and not config.quantize_attention:
         raise QuantizationError(
             f"{type(model).__name__} has no quantizable op: esc_plugin quantizes nn.Conv1d, nn.Conv2d, "
             "nn.Linear and nn.LayerNorm modules and F.linear calls on a module's own 2-D parameters. "
             "Pass the sub-module that holds them, or check QuantConfig.exclude."
         )
     keep_transformer_layers_unfused(qmodel)
+    if config.quantize_attention:
+        mark_attention_modules(qmodel, plan)
     qmodel.__dict__["esc_plan"] = plan
     return qmodel, plan
 

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..core.attention import quantized_attention_if_owned
 from .errors import ExportError
 
 
@@ -62,21 +63,28 @@ def mha_forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight
         return x.transpose(0, 1).unflatten(-1, (heads, head_dim)).transpose(1, 2)
 
     q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))  # (B, H, T, S)
 
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=scores.dtype)
+        other_name="attn_mask", target_type=q.dtype)
     attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
-                                  other_name="", target_type=scores.dtype, check_other=False)
+                                  other_name="", target_type=q.dtype, check_other=False)
+    mask = None
     if attn_mask is not None:
-        scores = scores + (attn_mask if attn_mask.dim() == 2 else attn_mask.unflatten(0, (-1, heads)))
+        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.unflatten(0, (-1, heads))
     if key_padding_mask is not None:
-        scores = scores + key_padding_mask[:, None, None, :]
-    weights = torch.softmax(scores, dim=-1)
-    if training and dropout_p > 0:  # pragma: no cover (refused above)
-        weights = F.dropout(weights, p=dropout_p)
-    out = torch.matmul(weights, v).transpose(1, 2).flatten(2)  # (B, T, E)
+        padding = key_padding_mask[:, None, None, :]
+        mask = padding if mask is None else mask + padding
+    # Eager nn.MultiheadAttention without attention weights goes through F.scaled_dot_product_attention,
+    # whose products esc_plugin quantizes under QuantConfig(quantize_attention=True): export the same.
+    product = None if need_weights else quantized_attention_if_owned(q, k, v, mask)
+    if product is None:
+        scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))  # (B, H, T, S)
+        weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        product = torch.matmul(weights, v)
+    else:
+        weights = None
+    out = product.transpose(1, 2).flatten(2)  # (B, T, E)
     out = F.linear(out, out_proj_weight, out_proj_bias).transpose(0, 1)  # (T, B, E)
     if not need_weights:
         weights = None

@@ -11,6 +11,9 @@ Example
 ...                    "output_folder": "results/run"})
 >>> s.method, s.config.act_bits, s.output_folder
 ('esc', 4, 'results/run/quantized/esc_w4a4')
+>>> read_settings({"quantize": "esc", "quantization": {"bits": 4, "init": "best"},
+...                "output_folder": "results/run"}).output_folder  # variants get their own folder
+'results/run/quantized/esc_initbest_w4a4'
 >>> read_settings({"quantize": "none"}) is None
 True
 >>> read_settings({"quantize": "int8"})
@@ -82,7 +85,9 @@ def read_settings(hparams):
         if not hparams.get("output_folder"):
             raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
                               "so the stage knows where to write the quantized model.")
-        tag = f"{method}_w{config.weight_bits}a{config.act_bits}"
+        variant = ("_initbest" if method == "esc" and config.init == "best" else "") + \
+            ("_attn" if config.quantize_attention else "")  # variants never overwrite the plain runs
+        tag = f"{method}{variant}_w{config.weight_bits}a{config.act_bits}"
         folder = os.path.join(str(hparams["output_folder"]), "quantized", tag)
     hib = stage.get("higher_is_better")
     if hib is not None and not isinstance(hib, bool):

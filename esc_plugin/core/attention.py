@@ -1,0 +1,160 @@
+"""Opt-in quantization of the attention products (``QuantConfig(quantize_attention=True)``).
+
+ESC's op set is the inputs of Conv, Linear and LayerNorm; the two
+activation x activation products of attention, ``Q K^T`` and ``P V``, stay in
+float. On a transformer encoder those products are a large share of the work
+(Whisper tiny.en at 30 s: about 40 % of the MACs), and a deployed INT8 graph
+that leaves them in float cannot be much faster than FP32.
+
+With the option on, every ``F.scaled_dot_product_attention`` call made by a
+module of the quantized copy runs as the explicit product
+``softmax(Q_q K_q^T * scale + mask) _q V_q`` where:
+
+* ``Q``, ``K`` and ``V`` get per-tensor activation quantizers that are ordinary
+  ESC points (max / histogram calibrators, ESC's local init -- here the MSE of
+  the quantized input, as the op has no weight -- and the CMA-ES refinement);
+* the softmax probabilities get a quantizer with the fixed amax 1.0: they lie
+  in [0, 1], so max calibration is exact and nothing needs searching.
+
+All calls of one module share its quantizers (like a Linear called twice),
+named ``<module>.sdpa.query`` / ``.key`` / ``.value``. The exported ONNX then
+has QuantizeLinear/DequantizeLinear on both inputs of both MatMuls, which ONNX
+Runtime and TensorRT run as integer products.
+
+How a call is attributed to a module: ``F.scaled_dot_product_attention`` is
+replaced (once, when a model is first quantized with the option) by a
+dispatcher that walks up the Python stack to the nearest frame whose ``self``
+is an ``nn.Module`` (the attention module's ``forward``, possibly a few
+helper functions up, as in Hugging Face's ``sdpa_attention_forward``). If that
+module belongs to a quantized copy with the option on, the call is quantized;
+otherwise it goes to torch unchanged, so FP32 models are unaffected. Attention
+written as explicit ``torch.matmul`` (SpeechBrain's ``RelPosMHAXL``) is not
+reached and stays listed as float in the coverage report.
+"""
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import QuantPoint, _quantized_op
+from .quantizers import ActivationQuantizer
+
+_ORIG_SDPA = F.scaled_dot_product_attention
+_MAX_FRAMES = 8  # how far up the stack the owning module may be
+_ROLES = ("query", "key", "value")
+
+
+class AttentionQuantizers(nn.Module):
+    """The quantizers of one module's attention products (a child ``esc_attention``)."""
+
+    def __init__(self, name, act_bits):
+        super().__init__()
+        for role in _ROLES:
+            setattr(self, role, ActivationQuantizer(act_bits, f"{name}.sdpa.{role}"))
+        self.probs = ActivationQuantizer(act_bits, f"{name}.sdpa.probs")
+        self.probs.set_amax(1.0)  # softmax output range: exact, never searched
+
+
+def mark_attention_modules(qmodel, plan):
+    """Let every module of ``qmodel`` have its SDPA calls quantized (called by ``insert_quantizers``)."""
+    for name, module in qmodel.named_modules():
+        module.__dict__["esc_attention_owner"] = (name, plan)
+    F.scaled_dot_product_attention = _dispatch_sdpa
+
+
+def add_attention_site(module, name, plan):
+    """Create ``module``'s attention quantizers and their plan points (first call, or when loading)."""
+    quantizers = AttentionQuantizers(name, plan.config.act_bits)
+    quantizers.to(next((b.device for b in module.buffers()), next((p.device for p in module.parameters()),
+                                                                 torch.device("cpu"))))
+    module.add_module("esc_attention", quantizers)
+    for role in _ROLES:
+        plan.add_point(QuantPoint(f"{name}.sdpa.{role}", "attention", module, getattr(quantizers, role),
+                                  _identity, None))
+    return quantizers
+
+
+def attention_sites(qmodel):
+    """Names of the modules whose attention products are quantized (saved with the scales)."""
+    return [name for name, module in qmodel.named_modules() if isinstance(
+        getattr(module, "esc_attention", None), AttentionQuantizers)]
+
+
+def _identity(x, quantize_weight):
+    # The local init minimises ||l(x) - l_q(x)||²; with no weight, l is the identity.
+    return x
+
+
+def _owner(depth=2):
+    frame = sys._getframe(depth)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return None
+        module = frame.f_locals.get("self")
+        if module is None:
+            module = frame.f_locals.get("module")
+        if isinstance(module, nn.Module):
+            return module.__dict__.get("esc_attention_owner") and module
+        frame = frame.f_back
+    return None
+
+
+def _dispatch_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    out = quantized_attention_if_owned(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       _depth=3)
+    if out is None:
+        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    return out
+
+
+def quantized_attention_if_owned(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, _depth=2):
+    """The quantized product if the calling module quantizes its attention, else None.
+
+    Also used by the ONNX export's ``nn.MultiheadAttention`` rewrite, so the
+    exported graph quantizes the same products as the PyTorch model.
+    """
+    module = _owner(_depth)
+    if module is None or not module.esc_attention_owner[1].config.quantize_attention:
+        return None
+    name, plan = module.esc_attention_owner
+    quantizers = getattr(module, "esc_attention", None)
+    if not isinstance(quantizers, AttentionQuantizers):
+        quantizers = add_attention_site(module, name, plan)
+    with _quantized_op():
+        return quantized_sdpa(quantizers, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                              enable_gqa, quantize_probs=not plan.observing)
+
+
+def quantized_sdpa(quantizers, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                   scale=None, enable_gqa=False, quantize_probs=True):
+    """``F.scaled_dot_product_attention`` written out, with quantized matmul inputs."""
+    if enable_gqa and key.size(-3) != query.size(-3):
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    # Quantize K after the transpose so that Q/DQ sits right on the MatMul input in the ONNX graph.
+    scores = torch.matmul(quantizers.query(query), quantizers.key(key.transpose(-2, -1))) * scale
+    masked = None
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+        masked = ~keep
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+        masked = True
+    probs = torch.softmax(scores, dim=-1)
+    if masked is not None:  # rows masked entirely give 0, not NaN (as torch's own SDPA does)
+        probs = torch.nan_to_num(probs, nan=0.0)
+    if dropout_p > 0:
+        probs = torch.dropout(probs, dropout_p, True)
+    if quantize_probs:
+        probs = quantizers.probs(probs)
+    return torch.matmul(probs, quantizers.value(value))
