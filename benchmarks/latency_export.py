@@ -11,10 +11,10 @@ under the export folder ``DIR/<name>/``:
   initializers -> QuantizeLinear -> DequantizeLinear, per output channel;
   activations Q/DQ per tensor);
 * ``int8_weights.onnx``: the same graph with every weight QuantizeLinear
-  evaluated here and stored as an int8 initializer (weights ->
-  DequantizeLinear only). This is a benchmark-side rewrite that measures
-  what such an export option would give (file size); its outputs are checked
-  against ``int8_qdq.onnx`` in the measure phase. It is not esc_plugin's output;
+  evaluated and stored as an int8 initializer (weights -> DequantizeLinear
+  only): ``esc_plugin.export.fold_weight_quantizers``, which is what
+  ``export_qdq_onnx`` does by default; its outputs are checked against
+  ``int8_qdq.onnx`` in the measure phase;
 * ``inputs.npy``: the real fixed-length inputs (``BenchModel.inputs``);
 
 and ``DIR/manifest.json`` with, per model, the file names and sizes, the
@@ -78,9 +78,9 @@ def store_int8_weights(src, dst):
 
     model = onnx.load(src)
     n_folded = fold_weight_quantizers(model)
-    entry = model.metadata_props.add()
-    entry.key = "esc_plugin.benchmark_rewrite"
-    entry.value = "weight QuantizeLinear folded into int8 initializers"
+    entry = next((e for e in model.metadata_props if e.key == "esc_plugin.int8_weights"), None) \
+        or model.metadata_props.add()
+    entry.key, entry.value = "esc_plugin.int8_weights", "true"
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(dst) as tmp:
         onnx.save(model, tmp)

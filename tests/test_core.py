@@ -290,3 +290,40 @@ def test_torch_transformer_layers_are_quantized_in_eval_no_grad():
     assert torch.equal(out_nograd, out_grad)           # same path with and without gradients
     assert (out_nograd - ref).abs().max() > 1e-3       # and really quantized
     assert torch.backends.mha.get_fastpath_enabled()   # the global switch is restored
+
+
+class PaddedConv(nn.Conv1d):
+    """A Conv1d subclass that pads in its own forward (like NeMo's CausalConv1D)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (2, 0)))
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward does not go through nn.Linear.forward."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * 0.5, self.bias)
+
+
+def test_subclasses_with_their_own_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(PaddedConv(4, 6, 3), nn.Flatten(), ScaledLinear(6 * 10, 3)).eval()
+    data = [torch.randn(2, 4, 10) for _ in range(2)]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    q = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    cov = {c["name"]: c for c in q.esc_report.coverage}
+    assert cov["0"]["quantized"] and cov["0"]["op"] == "conv1d"  # quantized, padding kept
+    assert not cov["2"]["quantized"] and "own forward" in cov["2"]["reason"]
+    with torch.no_grad():
+        ref = model(data[0])
+        assert q(data[0]).shape == ref.shape == (2, 3)
+        for m in q.modules():
+            if hasattr(m, "input_quantizer"):
+                m.input_quantizer.disable()
+                m.weight_quantizer.disable()
+        torch.testing.assert_close(q(data[0]), ref)  # quantizers off: the subclass forward, exactly

@@ -67,6 +67,10 @@ class QuantConfig:
         every activation, softmax probabilities with the fixed amax 1). Off by
         default: outside the paper's op set, but needed for INT8 attention in a
         deployed graph. See :mod:`esc_plugin.core.attention`.
+    quantize_embeddings : bool
+        Store ``nn.Embedding`` tables per row in ``weight_bits`` (weight-only:
+        a lookup has no activation to quantize). Off by default (outside the
+        paper's op set); shrinks deployed files with large tables.
     init : str
         ESC: ``"output_mse"`` (paper Eq. 4) starts CMA-ES from the per-layer
         output-MSE grid search; ``"best"`` also evaluates the max / percentile /
@@ -98,6 +102,7 @@ class QuantConfig:
     exclude: Tuple[str, ...] = ()
     quantize_layernorm: bool = True
     quantize_attention: bool = False
+    quantize_embeddings: bool = False
     init: str = "output_mse"
     keep_init_if_worse: bool = True
     checkpoint: Optional[str] = None

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .modules import in_quantized_op
+from .modules import QuantEmbedding, in_quantized_op, own_forward_skipped
 
 _TRACED = {
     "mm": "matmul", "addmm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
@@ -90,6 +90,15 @@ def build_coverage(model, points, tracer, excluded):
         rows.append({"name": name, "op": "module", "quantized": False,
                      "reason": "excluded by QuantConfig.exclude", "calls": None})
     for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            rows.append({"name": name, "op": "embedding", "quantized": True, "calls": None,
+                         "reason": "weight only (per-row table; a lookup has no activation to quantize)"})
+            continue
+        if own_forward_skipped(module) and name not in excluded:
+            rows.append({"name": name, "op": type(module).__name__, "quantized": False, "calls": None,
+                         "reason": "subclass of Linear/LayerNorm with its own forward (a wrapper would "
+                                   "skip it): left in float"})
+            continue
         for cls, reason in _MODULE_REASONS:
             if isinstance(module, cls):
                 rows.append({"name": name, "op": type(module).__name__, "quantized": False,
@@ -102,7 +111,8 @@ def build_coverage(model, points, tracer, excluded):
             if quantized:
                 continue
             module = lookup.get(mod_name)
-            if any(isinstance(module, cls) for cls, _ in _MODULE_REASONS) or mod_name in excluded:
+            if any(isinstance(module, cls) for cls, _ in _MODULE_REASONS) or mod_name in excluded \
+                    or own_forward_skipped(module):
                 continue  # already listed by the module scan
             reason = _FLOAT_REASONS[kind]
             if module in quantized_modules and kind == "matmul":

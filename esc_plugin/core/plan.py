@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from .attention import mark_attention_modules
 from .errors import QuantizationError
-from .modules import (functional_children, keep_transformer_layers_unfused, uses_functional_weights,
-                      wrap_functional, wrap_module, wrappable)
+from .modules import (embedding_quantizable, functional_children, keep_transformer_layers_unfused,
+                      uses_functional_weights, wrap_embedding, wrap_functional, wrap_module, wrappable)
 from .observers import ActivationObserver
 
 
@@ -22,6 +22,7 @@ class QuantPlan:
         self.config = config
         self.points = []
         self.excluded = []
+        self.weight_only = []  # modules quantized without an activation quantizer (embeddings)
         self.observer_factory = None  # set during calibration passes
         self.observing = False
 
@@ -33,7 +34,7 @@ class QuantPlan:
             point.input_quantizer.observer = self.observer_factory(point)
 
     def weight_quantizers(self):
-        seen = []
+        seen = [m.weight_quantizer for m in self.weight_only]
         for p in self.points:
             for q in (getattr(p.module, "weight_quantizer", None),):
                 if q is not None and q not in seen:
@@ -95,6 +96,8 @@ def insert_quantizers(model, config):
             if isinstance(module, nn.LayerNorm) and not config.quantize_layernorm:
                 continue
             plan.points.append(wrap_module(module, name, config.weight_bits, config.act_bits))
+        elif config.quantize_embeddings and embedding_quantizable(module):
+            plan.weight_only.append(wrap_embedding(module, config.weight_bits))
         elif uses_functional_weights(module):
             skip.update(functional_children(module))
             wrap_functional(module, name, config.weight_bits, config.act_bits, plan.add_point)

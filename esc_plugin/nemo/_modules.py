@@ -1,27 +1,15 @@
-"""Model-level helpers: NeMo import, evaluation mode, and NeMo modules the core cannot wrap as is.
+"""Model-level helpers: NeMo import, evaluation mode, deep-copy preparation.
 
-Why :func:`quantizable_subclass_convs` exists: the core wraps a module by
-swapping its class for ``Quant<cls>``, whose ``forward(x)`` comes first in the
-method order. NeMo's ``CausalConv1D`` / ``CausalConv2D`` (the Conformer's
-depthwise convolution, causal subsampling) are ``nn.Conv1d`` / ``nn.Conv2d``
-subclasses whose own ``forward`` pads the input (and takes a ``cache``
-argument) before the convolution: wrapped as is, the padding is skipped and
-``depthwise_conv(x, cache=None)`` raises. While the context is active each such
-module gets an instance ``forward`` that pads as NeMo does and then runs the
-(quantized, once wrapped) convolution; a deep copy made inside (the quantized
-model) keeps it, the FP32 model loses it on exit. Any other subclass of a
-wrappable type with its own ``forward`` is returned so it can be left in float.
+NeMo's ``CausalConv1D`` / ``CausalConv2D`` (``nn.Conv1d`` / ``nn.Conv2d``
+subclasses that pad in their own ``forward``) need nothing here: the core's
+conv wrapper quantizes inside ``_conv_forward`` and keeps the subclass's
+``forward``.
 """
 import contextlib
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import NemoModelError
-
-_WRAPPABLE_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)
-
 
 def import_nemo_asr():
     """``nemo.collections.asr`` (imported on first use: it takes 15-30 s), with an install hint."""
@@ -98,62 +86,6 @@ def without_training_state(asr_model):
         yield asr_model
     finally:
         state.update(saved)
-
-
-def _conv(module, x):
-    """The module's convolution (quantized once the core has wrapped it), without its own padding."""
-    from ..core.modules import QuantMixin
-    if isinstance(module, QuantMixin):
-        return QuantMixin.forward(module, x)
-    base = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
-    return base.forward(module, x)
-
-
-def _causal_conv1d_forward(self, x, cache=None):
-    x, cache = self.update_cache(x, cache=cache)
-    y = _conv(self, x)
-    return y if cache is None else (y, cache)
-
-
-def _causal_conv2d_forward(self, x):
-    x = F.pad(x, pad=(self._left_padding, self._right_padding, self._left_padding, self._right_padding))
-    return _conv(self, x)
-
-
-def _padded_forwards():
-    from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D, CausalConv2D
-    return {CausalConv1D: _causal_conv1d_forward, CausalConv2D: _causal_conv2d_forward}
-
-
-def subclasses_with_own_forward(model):
-    """Names of modules of a wrappable type (Linear, Conv1d/2d, LayerNorm subclasses) whose
-    class overrides ``forward`` and that :func:`quantizable_subclass_convs` does not handle:
-    the integration leaves them in float (the core's wrapper would skip their ``forward``)."""
-    from ..core.modules import QuantMixin
-    handled = tuple(_padded_forwards()) + (QuantMixin,)
-    names = []
-    for name, m in model.named_modules():
-        base = next((b for b in _WRAPPABLE_BASES if isinstance(m, b)), None)
-        if base is not None and type(m).forward is not base.forward and not isinstance(m, handled):
-            names.append(name)
-    return names
-
-
-@contextlib.contextmanager
-def quantizable_subclass_convs(model):
-    """See the module doc. Yields the number of modules given an instance ``forward``."""
-    forwards = _padded_forwards()
-    patched = []
-    try:
-        for m in model.modules():
-            for cls, fn in forwards.items():
-                if isinstance(m, cls) and "forward" not in m.__dict__:
-                    m.__dict__["forward"] = fn.__get__(m)
-                    patched.append(m)
-        yield len(patched)
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
 
 
 def rebind_copied_forwards(model):

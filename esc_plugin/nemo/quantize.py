@@ -17,8 +17,7 @@ import dataclasses
 import esc_plugin as esc
 
 from ..core.config import METHODS, QuantConfig
-from ._modules import (check_ctc_model, evaluation_mode, quantizable_subclass_convs, rebind_copied_forwards,
-                       subclasses_with_own_forward, without_training_state)
+from ._modules import check_ctc_model, evaluation_mode, rebind_copied_forwards, without_training_state
 from .errors import ConfigError
 from .features import ASRFeatureCache
 from .manifest import read_manifest
@@ -109,17 +108,15 @@ def as_quantized_asr_model(qmodel):
 
 
 def float_patterns(asr_model, config):
-    """``config.exclude`` plus the preprocessor and any module the core cannot wrap (see _modules)."""
+    """``config.exclude`` plus the preprocessor."""
     extra = [p for p in FLOAT_MODULES if p not in config.exclude]
-    extra += [n for n in subclasses_with_own_forward(asr_model) if n not in config.exclude]
     return tuple(config.exclude) + tuple(extra)
 
 
 @contextlib.contextmanager
 def quantizable(asr_model):
     """The FP32 model prepared for ``esc.quantize`` / ``esc.load`` (restored on exit)."""
-    with without_training_state(asr_model), quantizable_subclass_convs(asr_model), \
-            evaluation_mode(asr_model):
+    with without_training_state(asr_model), evaluation_mode(asr_model):
         yield asr_model
 
 
@@ -178,10 +175,6 @@ def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batc
     for row in report.coverage:
         if row["name"] in FLOAT_MODULES:
             row["reason"] = PREPROCESSOR_REASON
-    unwrappable = [n for n in subclasses_with_own_forward(asr_model) if n in config.exclude]
-    if unwrappable:
-        report.notes.append(f"left in float (subclasses with their own forward, which the module "
-                            f"wrapper would skip): {', '.join(unwrappable)}")
     report.notes.append(f"objective: NeMo {'CER' if use_cer else 'WER'} on the first {n_samples} "
                         f"utterances of {manifest} (FP32: {fp32_objective:.4g})")
     qmodel.__dict__["esc_features"] = features

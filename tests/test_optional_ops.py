@@ -1,4 +1,5 @@
-"""QuantConfig(quantize_attention=True): the products Q K^T and P V quantized (torch, modelopt, ORT; no mocks)."""
+"""Ops outside the paper's set, opt-in: attention products (quantize_attention) and embedding tables
+(quantize_embeddings). Real torch, modelopt, onnx, ORT; no mocks."""
 import numpy as np
 import pytest
 import torch
@@ -127,3 +128,51 @@ def test_qdq_export_runs_attention_as_integer_matmuls(setup, tmp_path):
     ops = integer_ops(ort_optimized_model(path, tmp_path / "opt.onnx"))
     # every MatMul of the encoder, attention products included: 4 projections/FFN + 2 products per layer
     assert sum(ops.values()) == 6 * LAYERS
+
+
+class Tagger(nn.Module):
+    """Token and positional tables and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(50, D)
+        self.positions = nn.Embedding(12, D)
+        self.out = nn.Linear(D, 5)
+
+    def forward(self, ids):
+        pos = self.positions(torch.arange(ids.shape[1]))
+        return self.out(self.tokens(ids) + pos)
+
+
+def test_embedding_tables_weight_only(tmp_path):
+    import onnx
+    from esc_plugin.export import OrtRunner, export_qdq_onnx
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    data = [torch.randint(0, 50, (3, 12)) for _ in range(2)]
+
+    def loop(m):
+        with torch.no_grad():
+            for x in data:
+                m(x)
+
+    plain = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    q = esc.quantize(model, esc.QuantConfig(method="max", quantize_embeddings=True), loop, progress=False)
+    assert not any(c["quantized"] for c in plain.esc_report.coverage if c["name"] in ("tokens", "positions"))
+    rows = {c["name"]: c for c in q.esc_report.coverage}
+    assert rows["tokens"]["quantized"] and rows["positions"]["op"] == "embedding"
+    table = q.tokens.weight_quantizer(q.tokens.weight)
+    assert len(torch.unique(table[0])) <= 255 and not torch.equal(table, model.tokens.weight)
+    with torch.no_grad():
+        assert 0 < _rel(q(data[0]), model(data[0])) < 0.05
+    again = esc.load(model, esc.save(q, tmp_path / "q.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(data[1]), q(data[1]), rtol=0, atol=0)
+    path = tmp_path / "tagger.onnx"
+    export_qdq_onnx(q, (data[0],), path, ["ids"], ["y"])
+    int8 = {tuple(t.dims) for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert {(50, D), (12, D)} <= int8  # both tables stored as int8
+    with torch.no_grad():
+        ref = q(data[1]).numpy()
+    assert np.abs(OrtRunner(path, optimization="disable")(data[1])[0] - ref).max() < 1e-4
