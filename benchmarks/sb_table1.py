@@ -11,7 +11,10 @@ checkpoint on every later run) with ``--quantize=<method>`` and collects the
 Everything after ``--`` is passed to every recipe run. Besides the five
 calibrators, ``--methods`` takes ``esc_initbest``: ESC composed with the
 baselines (``init: best``: CMA-ES starts from whichever of the output-MSE init
-and the max / percentile / entropy / mse scales scores best on the objective).
+and the max / percentile / entropy / mse scales scores best on the objective),
+``esc_loss``: ESC with the recipe's loss as the objective instead of its metric
+(smooth where an error rate over 100 samples is coarse), and
+``esc_initbest_loss``: both.
 Rows already in ``<out>/results.json`` for the same recipe are kept unless
 re-run, so rows can be added by later runs.
 """
@@ -26,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 
 METHODS = ("max", "percentile", "entropy", "mse", "esc")
-VARIANTS = {"esc_initbest": ("esc", {"init": "best"})}  # row name -> (quantize:, extra quantization: keys)
+# row name -> (quantize:, extra quantization: keys)
+VARIANTS = {"esc_initbest": ("esc", {"init": "best"}), "esc_loss": ("esc", {"metric": "loss"}),
+            "esc_initbest_loss": ("esc", {"init": "best", "metric": "loss"})}
 ORDER = METHODS + tuple(VARIANTS)
 
 

@@ -85,8 +85,11 @@ def read_settings(hparams):
         if not hparams.get("output_folder"):
             raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
                               "so the stage knows where to write the quantized model.")
-        variant = ("_initbest" if method == "esc" and config.init == "best" else "") + \
-            ("_attn" if config.quantize_attention else "")  # variants never overwrite the plain runs
+        # variants never overwrite the plain runs
+        variant = "".join(suffix for suffix, on in (
+            ("_initbest", method == "esc" and config.init == "best"),
+            ("_loss", stage.get("metric") == "loss" and method in ("esc", "percentile")),
+            ("_attn", config.quantize_attention), ("_emb", config.quantize_embeddings)) if on)
         tag = f"{method}{variant}_w{config.weight_bits}a{config.act_bits}"
         folder = os.path.join(str(hparams["output_folder"]), "quantized", tag)
     hib = stage.get("higher_is_better")
