@@ -13,6 +13,12 @@ Built-in (``--models``):
   clips (SpeechBrain samples, LJSpeech).
 * ``honk``: honk res8-narrow (``../shared/models/honk/res8_narrow.pt``), input
   (batch, 101, 40) MFCC of 1 s Speech Commands clips, output (batch, 12) logits.
+* ``conformer_ctc``: the in-project SpeechBrain Conformer-CTC
+  (``recipes/SpeechCommands/ASR/conformer_ctc``), from the run folder the
+  recipe's training command wrote (``$ESC_CONFORMER_CTC_RUN``, default
+  ``results/conformer_ctc/1986``); input (batch, 101, 40) normalised fbank of
+  1 s test clips, output (batch, 25, 17) CTC logits. Not in the default list:
+  it exists only after the recipe has been trained.
 
 Adding a model (e.g. an in-project Conformer): ``--model package.module:function``
 where ``function(shared_root)`` returns a :class:`BenchModel` or a dict with the
@@ -126,7 +132,59 @@ def build_honk(shared_root=None, n_calib: int = 32) -> BenchModel:
         description="honk res8-narrow (7 Conv2d 3x3, 19 maps), MFCC 101x40 (1 s)")
 
 
-BUILTINS = {"whisper_encoder": build_whisper_encoder, "honk": build_honk}
+class ConformerCTC(torch.nn.Module):
+    """The recipe's CNN front end + Conformer encoder + CTC head: normalised fbank -> logits."""
+
+    def __init__(self, cnn, transformer, ctc_lin):
+        super().__init__()
+        self.cnn, self.transformer, self.ctc_lin = cnn, transformer, ctc_lin
+
+    def forward(self, feats):
+        lengths = torch.ones(feats.shape[0], device=feats.device)  # fixed-length inputs
+        return self.ctc_lin(self.transformer.encode(self.cnn(feats), lengths))
+
+
+def build_conformer_ctc(shared_root=None, n_calib: int = 32) -> BenchModel:
+    """The trained SpeechBrain Conformer-CTC; inputs = 8 test clips, calibration = calibration clips."""
+    import json
+    import os
+
+    from hyperpyyaml import load_hyperpyyaml
+
+    from esc_plugin.tasks.audio import load_audio, pad_or_trim, resolve_shared_root
+
+    data_root = resolve_shared_root(shared_root) / "data" / "speech_commands"
+    repo = Path(__file__).resolve().parents[1]
+    recipe = repo / "recipes" / "SpeechCommands" / "ASR" / "conformer_ctc"
+    run = Path(os.environ.get("ESC_CONFORMER_CTC_RUN", repo / "results" / "conformer_ctc" / "1986"))
+    if not (run / "save").is_dir() or not (run / "manifests" / "test.json").is_file():
+        raise BenchmarkError(
+            f"no trained Conformer-CTC in {run}: train it first with `python {recipe}/train.py "
+            f"{recipe}/hparams/conformer_ctc.yaml --data_folder=../shared/data/speech_commands` "
+            "(or point ESC_CONFORMER_CTC_RUN at its output folder).")
+    with open(recipe / "hparams" / "conformer_ctc.yaml") as f:
+        hp = load_hyperpyyaml(f, {"data_folder": "unused", "output_folder": str(run)})
+    hp["checkpointer"].recover_if_possible()
+
+    def feats_of(manifest, n):
+        with open(run / "manifests" / manifest) as f:
+            items = sorted(json.load(f).values(), key=lambda e: e["wav"])[:n]
+        wavs = torch.stack([pad_or_trim(load_audio(e["wav"].format(data_root=data_root), hp["sample_rate"]),
+                                        hp["sample_rate"])
+                            for e in items])
+        with torch.no_grad():
+            feats = hp["compute_features"](wavs)
+            return hp["normalize"].eval()(feats, torch.ones(len(items)))
+
+    inputs, calib = feats_of("test.json", N_INPUTS), feats_of("calib.json", n_calib)
+    return BenchModel(
+        name="conformer_ctc", model=ConformerCTC(hp["CNN"], hp["Transformer"], hp["ctc_lin"]).eval(),
+        inputs=inputs, calibration=[calib], input_name="fbank", output_name="logits",
+        description=f"in-project SpeechBrain Conformer-CTC ({hp['num_encoder_layers']} layers, d "
+                    f"{hp['d_model']}, RelPosMHAXL), fbank 101x40 (1 s)")
+
+
+BUILTINS = {"whisper_encoder": build_whisper_encoder, "honk": build_honk, "conformer_ctc": build_conformer_ctc}
 
 
 def builder_of(source: str):

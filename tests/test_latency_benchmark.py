@@ -138,3 +138,10 @@ def test_measure_phase_alone_and_bad_arguments(run):
         latency.main(["--measure", str(root / "export"), "--out", str(root / "x")])
     with pytest.raises(SystemExit, match="export phase first"):
         latency.main(["--measure", str(root / "missing")])
+
+
+def test_conformer_needs_the_trained_recipe(tmp_path, monkeypatch):
+    models = _load("latency_models")
+    monkeypatch.setenv("ESC_CONFORMER_CTC_RUN", str(tmp_path / "not_trained"))
+    with pytest.raises(models.BenchmarkError, match="conformer_ctc/train.py"):
+        models.build("conformer_ctc")
