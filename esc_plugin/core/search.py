@@ -122,4 +122,22 @@ class ScaleSearch:
     def from_bytes(cls, data):
         obj = cls.__new__(cls)
         obj.__dict__.update(pickle.loads(data))
+        _rebind_global_rng(obj.es)
         return obj
+
+
+def _rebind_global_rng(es):
+    """Point cma's ``randn`` back at numpy's global RNG after unpickling.
+
+    cma keeps ``np.random.randn`` (a method bound to numpy's global
+    ``RandomState``) in ``opts`` and in its sampler; pickling copies that object, so a resumed search
+    would draw from a frozen private copy instead of the stream ``_own_rng``
+    installs, and stop reproducing the uninterrupted run.
+    """
+    holders = [es.opts, es.__dict__] + [vars(v) for v in vars(es).values() if hasattr(v, "__dict__")
+                                         and not isinstance(v, type)]  # e.g. the sampler es.sm
+    for holder in holders:
+        for key, value in list(holder.items()):
+            owner = getattr(value, "__self__", None)
+            if isinstance(owner, np.random.RandomState) and owner is not np.random.mtrand._rand:
+                holder[key] = getattr(np.random, value.__name__)
