@@ -69,6 +69,10 @@ def test_honk_split_is_speaker_disjoint(shared_dir):
     spk_c = {honk.speaker_of(p) for p, _ in calib}
     spk_e = {honk.speaker_of(p) for p, _ in evalc}
     assert not spk_c & spk_e
+    # the hex speaker id, also for `_unknown_/<word>_<id>_nohash_<n>` clips
+    assert honk.speaker_of(Path("_unknown_/bed_0ea0e2f4_nohash_1.wav.flac")) == "0ea0e2f4"
+    hex_ids = lambda clips: {p.name.split("_nohash_")[0][-8:] for p, _ in clips if "_nohash_" in p.name}
+    assert not hex_ids(calib) & hex_ids(evalc)
     assert honk.speaker_split(clips, 100, seed=0)[0] == calib  # deterministic
     assert honk.speaker_split(clips, 100, seed=1)[0] != calib
 

@@ -7,7 +7,7 @@ mel power spectrogram (n_fft 480, hop 160, 40 Slaney mel bands over
 window), natural log of the positive entries, orthonormal DCT-II over the
 40 bands.
 
-Data split: by speaker (file prefix before ``_nohash_``; clips without it,
+Data split: by speaker (the id before ``_nohash_``; clips without it,
 e.g. the ``_silence_`` clips, are each their own speaker). Speakers are
 shuffled with ``seed`` and taken in that order (skipping any speaker that
 would overshoot) until exactly ``n_calib`` calibration clips are collected;
@@ -156,10 +156,11 @@ def compute_mfcc(wav: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------- data
 def speaker_of(path: Path) -> str:
-    """Speaker id: the prefix before ``_nohash_``; else the file itself."""
+    """Speaker id: the hex id before ``_nohash_`` (``_unknown_`` clips are named
+    ``<word>_<speaker>_nohash_<n>``: the word is not part of it); else the file itself."""
     name = path.name
     if "_nohash_" in name:
-        return name.split("_nohash_")[0]
+        return name.split("_nohash_")[0].split("_")[-1]
     return f"{path.parent.name}/{name}"
 
 
@@ -270,8 +271,8 @@ def build_honk_task(shared_root=None, variant: str = "res8_narrow", n_calib: int
         "checkpoint": str(ckpt),
         "data": str(data_dir),
         "labels": list(LABELS),
-        "split": "speaker-disjoint (prefix before _nohash_; files without it are their own speaker), "
-                 f"speakers shuffled with seed={seed}",
+        "split": "speaker-disjoint (speaker id before _nohash_, without the word prefix of _unknown_ "
+                 f"clips; files without it are their own speaker), speakers shuffled with seed={seed}",
         "n_calib": len(calib),
         "n_calib_speakers": len(calib_spk),
         "n_eval": len(evalc),
