@@ -137,10 +137,15 @@ def module_types(iface):
     return [(name, type(m)) for name, m in iface.mods.named_modules()]
 
 
-def check_report(q, expected_ops):
-    """The report lists ``expected_ops`` as quantized; returns ``{name: reason}`` of ops left in float."""
+def check_report(q, fp32, objective):
+    """The report lists every Linear/Conv layer of the FP32 interface's modules as quantized, and the
+    returned copy scores the objective value the search chose (so it is the calibrated model).
+    Returns ``{name: reason}`` of the ops left in float."""
+    layers = {n for n, m in fp32.mods.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d))}
     names = {c["name"] for c in q.esc_report.quantized_ops}
-    assert set(expected_ops) <= names, sorted(names)
+    assert layers and layers <= names, sorted(layers - names)
+    with torch.no_grad():
+        assert objective(q) == pytest.approx(q.esc_report.objective["chosen"], rel=1e-6, abs=1e-12)
     return {c["name"]: c["reason"] for c in q.esc_report.coverage if not c["quantized"]}
 
 
@@ -148,14 +153,24 @@ def relative_error(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread. With two on a busy 2-core machine, an ECAPA forward
+    took 1.15 s instead of 0.014 s (thread contention); the speaker test took 38 s instead of 2 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def classifier_folder(tmp_path):
     return write_model_folder(tmp_path / "model", CLASSIFIER_HPARAMS, labels=["yes", "no", "up"])
 
 
-def test_encoder_classifier_from_local_folder(classifier_folder, tmp_path):
-    clf = EncoderClassifier.from_hparams(source=str(classifier_folder), savedir=str(tmp_path / "save"),
-                                         run_opts={"device": "cpu"})
+def test_encoder_classifier_from_local_folder(classifier_folder):
+    clf = load_interface(EncoderClassifier, classifier_folder)
+    types = module_types(clf)
     wavs = noise(2, 4000)
     with torch.no_grad():
         fp32 = [clf.classify_batch(w)[0] for w in wavs]
@@ -169,19 +184,18 @@ def test_encoder_classifier_from_local_folder(classifier_folder, tmp_path):
 
     q = quantize_interface(clf, esc.QuantConfig(bits=8, method="esc", budget=4, init_grid=8,
                                                          init_max_elements=4096), loop, error, progress=False)
-    names = {c["name"] for c in q.esc_report.quantized_ops}
-    assert any(n.startswith("embedding_model.blocks.0") for n in names)
-    assert "embedding_model.fc.conv" in names
-    floats = {c["name"]: c["reason"] for c in q.esc_report.coverage if not c["quantized"]}
+    floats = check_report(q, clf, error)
     # The cosine (AAM) head multiplies by a weight normalised on the fly: listed as float, with the reason.
     assert "classifier" in floats and floats["classifier"]
     with torch.no_grad():
         out_q = q.classify_batch(wavs[0])
         out_fp = clf.classify_batch(wavs[0])
     assert torch.equal(out_fp[0], fp32[0])          # the FP32 interface is untouched
+    assert module_types(clf) == types
     assert not torch.equal(out_q[0], out_fp[0])     # the copy is really quantized
     assert out_q[3] and isinstance(out_q[3][0], str)  # still a full interface (label decoding)
-    assert float((out_q[0] - out_fp[0]).abs().max()) < 1.0
+    # Measured at W8A8: max |posterior − FP32| 0.0048.
+    assert float((out_q[0] - out_fp[0]).abs().max()) < 0.05
 
 
 def test_encoder_asr_from_local_folder(tmp_path):
@@ -202,19 +216,17 @@ def test_encoder_asr_from_local_folder(tmp_path):
         return char_error_rate(fp32_text, [t for w in wavs for t in iface.transcribe_batch(w, lens)[0]])
 
     q = quantize_interface(asr, esc.QuantConfig(bits=8, method="esc", budget=8), loop, cer, progress=False)
-    check_report(q, ["encoder.cnn.conv", "encoder.ctc_lin.w"])
+    check_report(q, asr, cer)
     with torch.no_grad():
         text_q = [t for w in wavs for t in q.transcribe_batch(w, lens)[0]]
         logp_q = q.encode_batch(wavs[0], lens)
         assert torch.equal(asr.encode_batch(wavs[0], lens), fp32_logp)  # the FP32 interface is untouched
     assert module_types(asr) == types
-    print(q.esc_report.summary(), len(q.esc_report.history), cer(q)); print('ASR', relative_error(logp_q, fp32_logp), char_error_rate(fp32_text, text_q), fp32_text, text_q, q.esc_report.objective_history if hasattr(q.esc_report,'objective_history') else '')
     assert not torch.equal(logp_q, fp32_logp)  # the copy is really quantized
-    # Measured: log-prob relative error ~0.01, CER 0 at W8A8 (the flips sit on near-tied frames).
+    # Measured at W8A8: log-prob relative error 0.005; CER 0.019 (one inserted character in 52).
     assert relative_error(logp_q, fp32_logp) < 0.05
-    assert char_error_rate(fp32_text, text_q) <= 0.1
-    assert q.esc_report  # transcribe_batch ran on the copy (tokenizer decoding included)
-    assert all(isinstance(t, str) for t in text_q)
+    assert 0 <= char_error_rate(fp32_text, text_q) <= 0.1
+    assert len(text_q) == 4 and all(isinstance(t, str) and t for t in text_q)  # decoded by the tokenizer
 
 
 def test_speaker_recognition_from_local_folder(tmp_path):
@@ -232,17 +244,16 @@ def test_speaker_recognition_from_local_folder(tmp_path):
 
     q = quantize_interface(ver, esc.QuantConfig(bits=8, method="esc", budget=8, init_grid=8,
                                                 init_max_elements=4096), loop, score_error, progress=False)
-    check_report(q, ["embedding_model.blocks.0.conv.conv", "embedding_model.fc.conv"])
+    check_report(q, ver, score_error)
     with torch.no_grad():
         score_q, decision_q = q.verify_batch(enrol, test)
         assert torch.equal(ver.verify_batch(enrol, test)[0], fp32_score)  # the FP32 interface is untouched
         emb_q, emb_fp = q.encode_batch(enrol), ver.encode_batch(enrol)
     assert module_types(ver) == types
-    print(q.esc_report.summary(), len(q.esc_report.history), score_error(q)); print('SPK', fp32_score, score_q, relative_error(emb_q, emb_fp))
     assert not torch.equal(score_q, fp32_score)  # the copy is really quantized
-    # Measured: |score − FP32| ~1e-3 and embeddings' relative error ~0.02 at W8A8.
-    assert float((score_q - fp32_score).abs().max()) < 0.05
-    assert relative_error(emb_q, emb_fp) < 0.1
+    # Measured at W8A8: |score − FP32| <= 1.0e-3 (scores ~0.98), embeddings' relative error 0.010.
+    assert float((score_q - fp32_score).abs().max()) < 0.01
+    assert relative_error(emb_q, emb_fp) < 0.05
     assert decision_q.dtype == torch.bool and decision_q.shape == fp32_score.shape
 
 
@@ -261,14 +272,13 @@ def test_spectral_mask_enhancement_from_local_folder(tmp_path):
         return sum(relative_error(iface.enhance_batch(x, lengths=lens), f) ** 2 for x, f in zip(noisy, fp32))
 
     q = quantize_interface(enh, esc.QuantConfig(bits=8, method="esc", budget=8), loop, wave_error, progress=False)
-    floats = check_report(q, ["enhance_model.linear1", "enhance_model.linear2"])
+    floats = check_report(q, enh, wave_error)
     assert any(n.startswith("enhance_model.blstm") and reason for n, reason in floats.items())  # LSTM: float
     with torch.no_grad():
         out_q = q.enhance_batch(noisy[0], lengths=lens)
         assert torch.equal(enh.enhance_batch(noisy[0], lengths=lens), fp32[0])  # the FP32 interface is untouched
     assert module_types(enh) == types
-    print(q.esc_report.summary(), len(q.esc_report.history), wave_error(q)); print('ENH', relative_error(out_q, fp32[0]), floats)
     assert out_q.shape == fp32[0].shape
     assert not torch.equal(out_q, fp32[0])  # the copy is really quantized
-    # Measured: relative error of the enhanced waveform ~0.01 at W8A8.
-    assert relative_error(out_q, fp32[0]) < 0.05
+    # Measured at W8A8: relative error of the enhanced waveforms 5e-4 (only the mask's two Linear are quantized).
+    assert relative_error(out_q, fp32[0]) < 0.005
