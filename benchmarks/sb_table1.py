@@ -120,10 +120,11 @@ def _previous_rows(args):
 
 
 def _command(args, extra):
+    # positionals first: --bits / --methods take several values and would swallow them
     return "python benchmarks/sb_table1.py " + " ".join(
-        ["--out", args.out] + (["--run-dir", args.run_dir] if args.run_dir else []) +
+        [args.train_py, args.hparams, "--out", args.out] + (["--run-dir", args.run_dir] if args.run_dir else []) +
         (["--bits"] + [str(b) for b in args.bits]) + (["--methods"] + args.methods) +
-        [args.train_py, args.hparams] + (["--"] + extra if extra else []))
+        (["--"] + extra if extra else []))
 
 
 def write_results(args, extra, rows, commands):
