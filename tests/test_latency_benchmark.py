@@ -119,7 +119,7 @@ def test_report_names_command_machine_and_tensorrt(run):
     except ImportError:
         assert not res["tensorrt"]["available"] and "tensorrt" in res["tensorrt"]["reason"]
         assert "TensorRT: not available" in md
-    for heading in ("## honk", "## tiny_conformer", "| 8 | 1 | ORT INT8 (esc_plugin QDQ export) |"):
+    for heading in ("## honk", "## tiny_conformer", "| 8 | 1 | ORT INT8 (QDQ, int8 weight initializers: esc_plugin default) |"):
         assert heading in md
 
 
