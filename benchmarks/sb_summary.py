@@ -56,7 +56,7 @@ def summarise(folder, key, label, lower):
         esc = _value(next((r for r in at if r["method"] == "esc"), {}), key)
         var_name, var = _best(at, key, lower, [r["method"] for r in at if r["method"].startswith("esc_")])
         if esc is None:
-            cells += ["–", "–", "–"]
+            cells += [f"{base:.4g} ({base_name})" if base is not None else "–", "not run", "–"]
             continue
         gap = (esc - fp32) / abs(fp32) * 100 * (1 if lower else -1)  # > 0: worse than FP32
         wins = base is None or (esc <= base if lower else esc >= base)
