@@ -67,8 +67,11 @@ def mark_attention_modules(qmodel, plan):
 def add_attention_site(module, name, plan):
     """Create ``module``'s attention quantizers and their plan points (first call, or when loading)."""
     quantizers = AttentionQuantizers(name, plan.config.act_bits)
-    quantizers.to(next((b.device for b in module.buffers()), next((p.device for p in module.parameters()),
-                                                                 torch.device("cpu"))))
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    if tensor is not None:  # the module's device (a quantizer's amax lives with its input)
+        quantizers.to(tensor.device)
     module.add_module("esc_attention", quantizers)
     for role in _ROLES:
         plan.add_point(QuantPoint(f"{name}.sdpa.{role}", "attention", module, getattr(quantizers, role),
@@ -118,8 +121,8 @@ def quantized_attention_if_owned(query, key, value, attn_mask=None, dropout_p=0.
     Also used by the ONNX export's ``nn.MultiheadAttention`` rewrite, so the
     exported graph quantizes the same products as the PyTorch model.
     """
-    module = _owner(_depth)
-    if module is None or not module.esc_attention_owner[1].config.quantize_attention:
+    module = _owner(_depth)  # only marked (quantize_attention=True) modules are owners
+    if module is None:
         return None
     name, plan = module.esc_attention_owner
     quantizers = getattr(module, "esc_attention", None)
@@ -139,19 +142,16 @@ def quantized_sdpa(quantizers, query, key, value, attn_mask=None, dropout_p=0.0,
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     # Quantize K after the transpose so that Q/DQ sits right on the MatMul input in the ONNX graph.
     scores = torch.matmul(quantizers.query(query), quantizers.key(key.transpose(-2, -1))) * scale
-    masked = None
     if is_causal:
         keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-        masked = ~keep
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-        masked = True
     probs = torch.softmax(scores, dim=-1)
-    if masked is not None:  # rows masked entirely give 0, not NaN (as torch's own SDPA does)
+    if is_causal or attn_mask is not None:  # rows masked entirely give 0, not NaN (as torch's SDPA does)
         probs = torch.nan_to_num(probs, nan=0.0)
     if dropout_p > 0:
         probs = torch.dropout(probs, dropout_p, True)
