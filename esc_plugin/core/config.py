@@ -1,5 +1,9 @@
 """Quantization configuration (a plain dataclass, like torchao's config objects).
 
+Every field is checked when the config is built, so a typo or a wrong type
+fails before any work, with the valid values in the message. ``method`` and
+``ptq`` are checked against the registries (:mod:`esc_plugin.core.registry`).
+
 Example
 -------
 >>> from esc_plugin.core.config import QuantConfig
@@ -10,14 +14,23 @@ Example
 Traceback (most recent call last):
 ...
 esc_plugin.core.errors.ConfigError: bits=3 is not supported: use 8 (W8A8) or 4 (W4A4), or set weight_bits / act_bits to 4 or 8 each.
+>>> QuantConfig(exclude="head").exclude
+('head',)
+>>> QuantConfig(budjet=10)
+Traceback (most recent call last):
+...
+esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, exclude, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, sigma0, smoothquant_alpha, weight_bits.
 """
+import difflib
+import numbers
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 from .errors import ConfigError
 
-METHODS = ("max", "percentile", "entropy", "mse", "esc")
 SUPPORTED_BITS = (4, 8)
+NAN_POLICIES = ("error", "ignore")
 
 
 @dataclass
@@ -29,7 +42,9 @@ class QuantConfig:
     bits : int
         Bit width for weights and activations (8 = W8A8, 4 = W4A4).
     method : str
-        Activation calibrator: ``max``, ``percentile``, ``entropy``, ``mse`` or ``esc``.
+        Activation calibrator, by registered name: ``max``, ``percentile``,
+        ``entropy``, ``mse``, ``esc`` or one registered with
+        :func:`esc_plugin.core.registry.register_calibrator`.
     weight_bits, act_bits : int, optional
         Override ``bits`` for weights / activations independently (e.g. W4A8).
     budget : int
@@ -40,8 +55,8 @@ class QuantConfig:
         ESC: ``"log"`` (default) searches log-multipliers of the local init
         (σ0 ≈ ±10 %); ``"range"`` searches each scale as a fraction of its
         layer's observed max (σ0 = a tenth of the range): it lowers the
-        calibration objective further but over-fits 100 samples more (honk
-        W8A8: 84.9 % vs 86.0 % eval accuracy). See :mod:`esc_plugin.core.search`.
+        calibration objective further but over-fits small calibration sets
+        more. See :mod:`esc_plugin.core.search`.
     popsize : int, optional
         ESC: CMA-ES population size; default is cma's ``4 + 3 ln(N)``.
     n_samples : int
@@ -83,6 +98,18 @@ class QuantConfig:
     checkpoint : str, optional
         ESC: file holding the CMA-ES state, written every generation; an
         interrupted run restarted with the same file resumes where it stopped.
+    ptq : tuple of str
+        PTQ passes composed with the calibrator, by registered name (see
+        :func:`esc_plugin.core.registry.transform_names`). Passes of the
+        ``before_calibration`` stage run first, in the order given, then the
+        calibrator, then the ``after_calibration`` passes.
+    smoothquant_alpha : float
+        Migration strength α of the ``smoothquant`` pass, in (0, 1]
+        (0.5 as in the SmoothQuant paper).
+    nan_policy : str
+        ``"error"`` (default): a NaN or inf in a calibration activation stops
+        the run with the layer and batch named; ``"ignore"``: non-finite
+        values are left out of the statistics (and counted in the report).
     """
 
     bits: int = 8
@@ -106,42 +133,60 @@ class QuantConfig:
     init: str = "output_mse"
     keep_init_if_worse: bool = True
     checkpoint: Optional[str] = None
+    ptq: Tuple[str, ...] = ()
+    smoothquant_alpha: float = 0.5
+    nan_policy: str = "error"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(
-                f"method={self.method!r} is unknown: choose one of {', '.join(METHODS)}."
-            )
-        if self.weight_bits is None:
-            self.weight_bits = self.bits
-        if self.act_bits is None:
-            self.act_bits = self.bits
+        from .registry import get_calibrator, get_transform
+
+        self.method = _string("method", self.method)
+        get_calibrator(self.method)
         for name in ("bits", "weight_bits", "act_bits"):
-            if getattr(self, name) not in SUPPORTED_BITS:
+            value = getattr(self, name)
+            if value is None and name != "bits":
+                setattr(self, name, self.bits)
+                continue
+            _integer(name, value, "8 (W8A8) or 4 (W4A4)")
+            if value not in SUPPORTED_BITS:
                 raise ConfigError(
-                    f"{name}={getattr(self, name)} is not supported: use 8 (W8A8) or 4 (W4A4), "
+                    f"{name}={value} is not supported: use 8 (W8A8) or 4 (W4A4), "
                     "or set weight_bits / act_bits to 4 or 8 each."
                 )
-        if self.search_space not in ("range", "log"):
-            raise ConfigError(f"search_space={self.search_space!r}: use 'range' or 'log'.")
-        if self.init not in ("output_mse", "best"):
-            raise ConfigError(f"init={self.init!r}: use 'output_mse' (paper) or 'best'.")
-        if self.budget < 1:
-            raise ConfigError(f"budget={self.budget} must be >= 1 objective evaluations.")
-        if not self.sigma0 > 0:
-            raise ConfigError(f"sigma0={self.sigma0} must be > 0 (the paper uses 0.1).")
-        if self.popsize is not None and self.popsize < 2:
-            raise ConfigError(f"popsize={self.popsize} must be >= 2 (or None for cma's default).")
-        if self.n_samples < 1:
-            raise ConfigError(f"n_samples={self.n_samples} must be >= 1.")
-        if self.init_grid < 4:
-            raise ConfigError(f"init_grid={self.init_grid} must be >= 4 candidate scales.")
-        if self.histogram_bins < 256:
-            raise ConfigError(f"histogram_bins={self.histogram_bins} must be >= 256.")
-        self.percentiles = tuple(float(p) for p in self.percentiles)
+        _choice("search_space", self.search_space, ("log", "range"))
+        _choice("init", self.init, ("output_mse", "best"))
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _integer("budget", self.budget, "the number of objective evaluations, e.g. 100", low=1)
+        _number("sigma0", self.sigma0, "the initial CMA-ES step size, e.g. 0.1 (the paper)")
+        if self.popsize is not None:
+            _integer("popsize", self.popsize, "an integer >= 2 (or None for cma's default)", low=2)
+        _integer("n_samples", self.n_samples, "the number of calibration samples, e.g. 100", low=1)
+        # cma treats seed 0 as "seed from the clock": only non-negative seeds are reproducible
+        _integer("seed", self.seed, "a non-negative integer (runs are reproducible given it)", low=0)
+        _integer("init_grid", self.init_grid, "the number of candidate scales per layer, e.g. 32", low=4)
+        _integer("init_max_elements", self.init_max_elements, "a positive element count", low=1)
+        _integer("histogram_bins", self.histogram_bins, "a bin count >= 256, e.g. 2048", low=256)
+        if isinstance(self.percentiles, numbers.Real) and not isinstance(self.percentiles, bool):
+            self.percentiles = (self.percentiles,)
+        self.percentiles = _strings_or_numbers("percentiles", self.percentiles, number=True)
         if not self.percentiles or not all(0 < p <= 100 for p in self.percentiles):
-            raise ConfigError(f"percentiles={self.percentiles} must be values in (0, 100].")
-        self.exclude = tuple(self.exclude)
+            raise ConfigError(f"percentiles={self.percentiles} must be values in (0, 100], e.g. (99.99, 99.999).")
+        self.exclude = _strings_or_numbers("exclude", self.exclude)
+        self.ptq = _strings_or_numbers("ptq", self.ptq)
+        for name in self.ptq:
+            get_transform(name)
+        _number("smoothquant_alpha", self.smoothquant_alpha, "the SmoothQuant migration strength in (0, 1]")
+        if self.smoothquant_alpha > 1:
+            raise ConfigError(f"smoothquant_alpha={self.smoothquant_alpha} must be in (0, 1], e.g. 0.5.")
+        if len(set(self.ptq)) != len(self.ptq):
+            raise ConfigError(f"ptq={self.ptq} names a pass twice: list each pass once.")
+        for name in ("quantize_layernorm", "quantize_attention", "quantize_embeddings", "keep_init_if_worse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false.")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise ConfigError(f"checkpoint={self.checkpoint!r} must be a file path (str) or None.")
+        if self.checkpoint is not None:
+            self.checkpoint = os.fspath(self.checkpoint)
 
     def to_dict(self):
         return asdict(self)
@@ -149,10 +194,83 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, values):
         """Build from a dict, rejecting keys that do not exist (with the valid ones)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown quantization option(s) {unknown}: valid options are {sorted(known)}."
-            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"quantization options must be a mapping, got {type(values).__name__}.")
+        _check_keys(values)
         return cls(**values)
+
+
+def option_names():
+    """Every QuantConfig field name, sorted."""
+    return sorted(f.name for f in fields(QuantConfig))
+
+
+def _check_keys(values):
+    known = option_names()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
+        hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
+        raise ConfigError(f"unknown quantization option(s) {unknown}{hint}: valid options are {', '.join(known)}.")
+
+
+_DATACLASS_INIT = QuantConfig.__init__
+
+
+def _init(self, *args, **kwargs):
+    _check_keys(kwargs)
+    _DATACLASS_INIT(self, *args, **kwargs)
+
+
+_init.__doc__ = _DATACLASS_INIT.__doc__
+_init.__signature__ = __import__("inspect").signature(_DATACLASS_INIT)
+QuantConfig.__init__ = _init
+
+
+def _kind(value):
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _integer(name, value, what, low=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name}={_kind(value)} must be an integer: {what}.")
+    if low is not None and value < low:
+        raise ConfigError(f"{name}={value} must be >= {low}: {what}.")
+
+
+def _number(name, value, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ConfigError(f"{name}={_kind(value)} must be a number > 0: {what}.")
+
+
+def _string(name, value):
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={_kind(value)} must be a string.")
+    return value
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: use one of {', '.join(repr(c) for c in choices)}.")
+
+
+def _strings_or_numbers(name, value, number=False):
+    """A tuple from a list/tuple (a single string is one item, not its characters)."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={_kind(value)} must be a list of {'numbers' if number else 'strings'}.")
+    for v in value:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) if number else isinstance(v, str)
+        if not ok:
+            raise ConfigError(f"{name}: {_kind(v)} must be a {'number' if number else 'string'}.")
+    return tuple(float(v) for v in value) if number else tuple(value)
+
+
+def __getattr__(name):
+    # METHODS used to be a constant here; it is now whatever the registry holds.
+    if name == "METHODS":
+        from .registry import calibrator_names
+
+        return calibrator_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

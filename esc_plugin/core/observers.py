@@ -1,6 +1,8 @@
 """Statistics collected from the FP32 activations during calibration passes."""
 import torch
 
+from .errors import CalibrationError
+
 
 class ActivationObserver:
     """Watches one activation quantizer's input.
@@ -10,9 +12,12 @@ class ActivationObserver:
     sample of the inputs for ESC's local search.
     """
 
-    def __init__(self, row_features=None, max_elements=0, bins=0, hist_range=None, seed=0):
+    def __init__(self, row_features=None, max_elements=0, bins=0, hist_range=None, seed=0,
+                 name="", nan_policy="error"):
+        self.name, self.nan_policy = name, nan_policy
         self.amax = 0.0
         self.calls = 0
+        self.nonfinite = 0
         self.row_features = row_features
         self.max_elements = max_elements
         self.bins = bins
@@ -25,6 +30,18 @@ class ActivationObserver:
     def __call__(self, x):
         x = x.detach().float()
         self.calls += 1
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            if self.nan_policy == "error":
+                raise CalibrationError(
+                    f"the calibration input of '{self.name}' has {bad} NaN/inf value(s) in call "
+                    f"{self.calls} of that op (batch {self.calls} of the forward loop if it runs once per "
+                    "batch): fix the data or the layers before it, or pass "
+                    "QuantConfig(nan_policy='ignore') to leave non-finite values out of the statistics.")
+            self.nonfinite += bad
+            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # torch max, not Python max: a NaN can never be dropped silently here
         self.amax = max(self.amax, float(x.abs().max())) if x.numel() else self.amax
         if self.hist is not None and self.hist_range:
             # histc runs where x lives (GPU or CPU); the running histogram stays on the CPU.

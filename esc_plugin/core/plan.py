@@ -20,6 +20,7 @@ class QuantPlan:
 
     def __init__(self, config):
         self.config = config
+        self.modules = {}  # name -> every module given quantizers (for state files)
         self.points = []
         self.excluded = []
         self.weight_only = []  # modules quantized without an activation quantizer (embeddings)
@@ -43,6 +44,11 @@ class QuantPlan:
                 if q not in seen:
                     seen.append(q)
         return seen
+
+    def weight_owners(self):
+        """``(name, module)`` of every module holding weight quantizers."""
+        return [(n, m) for n, m in self.modules.items()
+                if getattr(m, "weight_quantizer", None) is not None or getattr(m, "esc_weight_quantizers", None)]
 
     def start_observing(self, factory):
         """Quantizers off, observers on: the model computes in FP32."""
@@ -81,6 +87,7 @@ def insert_quantizers(model, config):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"esc.quantize expects a torch.nn.Module, got {type(model).__name__}.")
+    check_not_quantized(model)
     qmodel = copy.deepcopy(model).eval()
     plan = QuantPlan(config)
     skip = set()
@@ -96,11 +103,14 @@ def insert_quantizers(model, config):
             if isinstance(module, nn.LayerNorm) and not config.quantize_layernorm:
                 continue
             plan.points.append(wrap_module(module, name, config.weight_bits, config.act_bits))
+            plan.modules[name] = module
         elif config.quantize_embeddings and embedding_quantizable(module):
             plan.weight_only.append(wrap_embedding(module, config.weight_bits))
+            plan.modules[name] = module
         elif uses_functional_weights(module):
             skip.update(functional_children(module))
             wrap_functional(module, name, config.weight_bits, config.act_bits, plan.add_point)
+            plan.modules[name] = module
             n_functional += 1
     if not plan.points and not n_functional and not config.quantize_attention:
         raise QuantizationError(
@@ -115,15 +125,28 @@ def insert_quantizers(model, config):
     return qmodel, plan
 
 
+def check_not_quantized(model):
+    """Refuse a model that already carries esc_plugin quantizers (quantize the FP32 model)."""
+    from .modules import FunctionalLinearMixin, QuantMixin
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantMixin, FunctionalLinearMixin))]
+    if "esc_plan" in model.__dict__ or quantized:
+        where = f" (e.g. '{quantized[0] or type(model).__name__}')" if quantized else ""
+        raise QuantizationError(
+            f"{type(model).__name__} is already quantized{where}: pass the FP32 model to esc.quantize "
+            "(to change a quantized model's config, quantize the FP32 model again with the new config).")
+
+
 @torch.no_grad()
-def observe(plan, model, forward_loop, seed=0, sample_elements=0, hist_ranges=None, bins=0):
+def observe(plan, model, forward_loop, seed=0, sample_elements=0, hist_ranges=None, bins=0,
+            nan_policy="error"):
     """Run ``forward_loop`` in FP32 with an observer on every activation quantizer."""
     observers = {}
 
     def factory(point):
         hist_range = (hist_ranges or {}).get(point.name)
         obs = ActivationObserver(point.row_features, sample_elements, bins if hist_range else 0,
-                                 hist_range, seed + len(observers))
+                                 hist_range, seed + len(observers), name=point.name, nan_policy=nan_policy)
         observers[point.name] = obs
         return obs
 

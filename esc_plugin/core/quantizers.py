@@ -18,9 +18,7 @@ with warnings.catch_warnings():
     from modelopt.torch.quantization.nn import TensorQuantizer
 
 from .errors import CalibrationError
-
-# Smallest amax we ever hand to a quantizer: a zero scale is an invalid engine.
-MIN_AMAX = 1e-8
+from .numerics import MIN_AMAX, fake_quant  # noqa: F401  (re-exported)
 
 
 class ActivationQuantizer(TensorQuantizer):
@@ -34,8 +32,21 @@ class ActivationQuantizer(TensorQuantizer):
         super().__init__(QuantizerAttributeConfig(num_bits=num_bits, axis=None, narrow_range=True))
         self.esc_name = name
         self.observer = None
+        # Per-channel divisor applied before quantizing (SmoothQuant); its axis is the op's
+        # input-channel axis. A buffer, so it follows .to(device) and the state dict.
+        self.register_buffer("pre_scale", None)
+        self.pre_scale_axis = -1
+
+    def set_pre_scale(self, scale, axis):
+        """Divide the input by ``scale`` along ``axis`` before quantizing (None removes it)."""
+        self.pre_scale_axis = axis
+        self.pre_scale = None if scale is None else scale.detach().float().clone()
 
     def forward(self, inputs):
+        if self.pre_scale is not None:
+            shape = [1] * inputs.dim()
+            shape[self.pre_scale_axis] = -1
+            inputs = inputs / self.pre_scale.to(inputs.dtype).view(shape)
         if self.observer is not None:
             self.observer(inputs)
         if self.is_enabled and getattr(self, "_amax", None) is None and not self._if_calib:
@@ -63,11 +74,3 @@ def calibrate_weight(quantizer, weight):
     dims = tuple(range(1, weight.dim()))
     amax = weight.detach().abs().amax(dim=dims, keepdim=True).float().clamp_min(MIN_AMAX)
     quantizer.amax = amax
-
-
-def fake_quant(x, amax, num_bits):
-    """Reference symmetric fake quantization (used by the local search, which
-    needs many candidate scales at once and must not mutate the quantizers)."""
-    qmax = 2 ** (num_bits - 1) - 1
-    scale = amax / qmax
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale

@@ -1,5 +1,5 @@
 """What a quantization run did: per-layer scales, objective history, coverage, timings."""
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
 from .io import write_json
@@ -25,6 +25,7 @@ class QuantReport:
     objective: Dict[str, float] = field(default_factory=dict)  # e.g. init / final / chosen
     timings: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    ptq: List[dict] = field(default_factory=list)  # PTQ passes in the order they ran, with times
 
     @property
     def quantized_ops(self):
@@ -39,7 +40,7 @@ class QuantReport:
 
     @classmethod
     def from_dict(cls, d):
-        d = dict(d)
+        d = {k: v for k, v in dict(d).items() if k in {f.name for f in fields(cls)}}
         d["layers"] = [LayerScales(**l) for l in d.get("layers", [])]
         return cls(**d)
 
@@ -55,6 +56,8 @@ class QuantReport:
         for key, value in self.timings.items():
             unit = "" if key.startswith("n_") else " s"
             lines.append(f"  time[{key}] = {value:.3g}{unit}")
+        for p in self.ptq:
+            lines.append(f"  ptq[{p['name']}] ({p['stage']}) {p['seconds']:.3g} s")
         lines.extend("  note: " + n for n in self.notes)
         return "\n".join(lines)
 

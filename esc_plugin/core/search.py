@@ -14,7 +14,6 @@ so σ0 = 0.1 is relative. Two parametrisations, both keeping every scale > 0:
   init; a local polish of the output-MSE init.
 """
 import contextlib
-import pickle
 
 import cma
 import numpy as np
@@ -64,22 +63,29 @@ class ScaleSearch:
             self._rng_state = np.random.get_state()
             np.random.set_state(saved)
         self.popsize = self.es.popsize
-        self.generations = max(1, budget // self.popsize)
+        self.budget = int(budget)
+        # Exactly Γ candidate evaluations: the last generation may be partial.
+        self.generations = -(-self.budget // self.popsize)
         self.generation = 0
         self.evaluations = 0
         self.history = []  # one dict per evaluation
+        self.best_amax, self.best_loss = None, np.inf
         self._pending = None
 
     @property
     def done(self):
-        return self.generation >= self.generations
+        return self.evaluations >= self.budget
 
     def ask(self):
-        """Candidate amax vectors for the next generation (re-asking returns the same ones)."""
+        """Candidate amax vectors for the next generation (re-asking returns the same ones).
+
+        The last generation returns only as many candidates as the budget has left.
+        """
         if self._pending is None:
             with self._own_rng():
                 self._pending = [np.asarray(z) for z in self.es.ask()]
-        return [self._to_amax(x) for x in self._pending]
+        left = self.budget - self.evaluations
+        return [self._to_amax(x) for x in self._pending[:left]]
 
     @contextlib.contextmanager
     def _own_rng(self):
@@ -101,43 +107,22 @@ class ScaleSearch:
 
     def tell(self, candidates, losses):
         losses = [float(v) if np.isfinite(v) else WORST_LOSS for v in losses]
-        if self._pending is None or len(losses) != len(self._pending):
+        if self._pending is None or len(losses) != len(candidates) or \
+                len(losses) != min(len(self._pending), self.budget - self.evaluations):
             raise ValueError("tell() needs one loss per candidate from the last ask().")
-        with self._own_rng():
-            self.es.tell(self._pending, losses)
-        for loss in losses:
+        # A partial last generation updates the distribution when cma can use it (>= mu
+        # solutions); otherwise its candidates only count as samples (best sample, history).
+        if len(losses) >= self.es.sp.weights.mu:
+            with self._own_rng():
+                self.es.tell(self._pending[:len(losses)], losses)
+        for amax, loss in zip(candidates, losses):
             self.history.append({"evaluation": self.evaluations, "generation": self.generation, "loss": loss})
             self.evaluations += 1
+            if loss < self.best_loss:
+                self.best_amax, self.best_loss = np.asarray(amax, dtype=np.float64), loss
         self._pending = None
         self.generation += 1
 
     def mean_amax(self):
         """The final scales: mean of the search distribution (not the best sample)."""
         return self._to_amax(np.asarray(self.es.mean))
-
-    def state_bytes(self):
-        return pickle.dumps(self.__dict__)
-
-    @classmethod
-    def from_bytes(cls, data):
-        obj = cls.__new__(cls)
-        obj.__dict__.update(pickle.loads(data))
-        _rebind_global_rng(obj.es)
-        return obj
-
-
-def _rebind_global_rng(es):
-    """Point cma's ``randn`` back at numpy's global RNG after unpickling.
-
-    cma keeps ``np.random.randn`` (a method bound to numpy's global
-    ``RandomState``) in ``opts`` and in its sampler; pickling copies that object, so a resumed search
-    would draw from a frozen private copy instead of the stream ``_own_rng``
-    installs, and stop reproducing the uninterrupted run.
-    """
-    holders = [es.opts, es.__dict__] + [vars(v) for v in vars(es).values() if hasattr(v, "__dict__")
-                                         and not isinstance(v, type)]  # e.g. the sampler es.sm
-    for holder in holders:
-        for key, value in list(holder.items()):
-            owner = getattr(value, "__self__", None)
-            if isinstance(owner, np.random.RandomState) and owner is not np.random.mtrand._rand:
-                holder[key] = getattr(np.random, value.__name__)

@@ -1,0 +1,85 @@
+"""``esc``: output-MSE init per layer, CMA-ES over all scales on the task objective.
+
+The three steps are separate modules: :mod:`~esc_plugin.core.local_init`
+(Eq. 4), :mod:`~esc_plugin.core.search_driver` (ask/evaluate/tell with
+checkpoints) and :mod:`~esc_plugin.core.selection` (which result is kept).
+With ``QuantConfig(init="best")`` the baselines' scales (every other built-in
+calibrator) are extra starting candidates.
+"""
+import time
+
+import numpy as np
+
+from ..errors import ObjectiveError
+from ..local_init import local_init
+from ..registry import register_calibrator
+from ..search_driver import SearchDriver, run_fingerprint
+from ..selection import choose
+
+BASELINES = ("max", "percentile", "entropy", "mse")
+
+
+@register_calibrator("esc", needs=("max", "samples"), objective="required",
+                     summary="ESC: output-MSE init + CMA-ES on the task objective")
+class EscCalibrator:
+    def __init__(self, config):
+        self.config = config
+
+    def calibrate(self, ctx):
+        cfg, report = self.config, ctx.report
+        fingerprint = run_fingerprint(cfg, [s.name for s in ctx.sites], ctx.model_digest, ctx.maxes)
+        driver = SearchDriver.resume(ctx, fingerprint) if cfg.checkpoint else None
+        if driver is not None:
+            report.notes.append(f"resumed from {cfg.checkpoint} at generation {len(driver.generations)}")
+        else:
+            driver = self._start(ctx, fingerprint)
+        report.objective["init"] = driver.init_objective
+        for layer, value in zip(report.layers, driver.init):
+            layer.init = float(value)
+
+        t = time.perf_counter()
+        search = driver.run()
+        mean = search.mean_amax()
+        report.objective["final"] = ctx.evaluate(mean)
+        report.objective["best_sample"] = search.best_loss
+        report.history = search.history
+        name, amax, score = choose([("mean", mean, report.objective["final"]),
+                                    ("init", driver.init, driver.init_objective)], cfg.keep_init_if_worse)
+        if name == "init":
+            report.notes.append("the search mean scored worse than the local init: kept the init")
+        report.objective["chosen"] = score
+        report.timings["search"] = time.perf_counter() - t
+        report.timings["n_search_evaluations"] = search.evaluations
+        self._check_finite(ctx)
+        return np.asarray(amax, dtype=np.float64)
+
+    def _start(self, ctx, fingerprint):
+        t = time.perf_counter()
+        init = local_init(ctx)
+        ctx.report.timings["local_init"] = time.perf_counter() - t
+        score, start = ctx.evaluate(init), "output_mse"
+        if self.config.init == "best":
+            for name in BASELINES:
+                amax = ctx.baseline(name)
+                value = ctx.evaluate(amax)
+                ctx.report.objective[f"start_{name}"] = value
+                if value < score:
+                    init, score, start = amax, value, name
+            if start != "output_mse":
+                ctx.report.notes.append(f"ESC started from the {start} scales (better objective than the "
+                                        "output-MSE init)")
+        driver = SearchDriver(ctx, init, score, fingerprint)
+        driver.save()
+        return driver
+
+    @staticmethod
+    def _check_finite(ctx):
+        ev = ctx.evaluator
+        if ev.count and ev.n_nonfinite == ev.count:
+            raise ObjectiveError(
+                f"the objective returned NaN or inf for all {ev.count} evaluations (the init, every CMA-ES "
+                "candidate and the final mean): ESC had nothing to compare. Check it on the FP32 model and "
+                "on a max-calibrated model (QuantConfig(method='max')); it must return a finite task error.")
+        if ev.n_nonfinite:
+            ctx.report.notes.append(f"WARNING: the objective was NaN/inf for {ev.n_nonfinite} of {ev.count} "
+                                    "evaluations (counted as the worst value)")

@@ -1,0 +1,130 @@
+"""The calibration pipeline: passes before calibration, statistics, calibrator, passes after.
+
+Every step is looked up in the registries; nothing here branches on a
+calibrator's or a pass's name.
+"""
+import time
+
+import numpy as np
+
+from .config import QuantConfig
+from .context import CalibrationContext
+from .coverage import build_coverage, trace_ops
+from .errors import CalibrationError, ConfigError
+from .plan import check_not_quantized, insert_quantizers, observe
+from .registry import get_calibrator, get_transform
+from .report import LayerScales, QuantReport
+from .state import state_digest
+
+
+def check_inputs(model, config, forward_loop, objective):
+    """Everything that can be checked before any work; returns (config, calibrator spec, passes)."""
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be an esc_plugin.QuantConfig, got {type(config).__name__}.")
+    spec = get_calibrator(config.method)
+    if not callable(forward_loop):
+        raise CalibrationError("forward_loop is required: a callable forward_loop(model) that runs "
+                               "the calibration inputs through the model.")
+    if spec.objective == "required" and not callable(objective):
+        raise CalibrationError(f"method={config.method!r} needs an objective: a callable objective(model) -> "
+                               "float returning the task error on the calibration samples (lower is better).")
+    check_not_quantized(model)
+    passes = [(get_transform(name), get_transform(name).cls(config)) for name in config.ptq]
+    for tspec, transform in passes:
+        check = getattr(transform, "check", None)
+        if check is not None:
+            check(model)  # raises a ConfigError naming the structure it needs
+    return config, spec, passes
+
+
+def run_pipeline(model, config, forward_loop, objective, progress=True):
+    config, spec, passes = check_inputs(model, config, forward_loop, objective)
+    t0 = time.perf_counter()
+    digest = state_digest(model)
+    qmodel, plan = insert_quantizers(model, config)
+    report = QuantReport(config=config.to_dict())
+    ctx = CalibrationContext(qmodel, plan, config, forward_loop, objective, report, progress)
+    ctx.model_digest = digest
+    report.timings["digest_and_copy"] = time.perf_counter() - t0
+
+    applied = []
+    for tspec, transform in passes:
+        if tspec.stage == "before_calibration":
+            applied.append(_apply(tspec, transform, ctx))
+    _collect_statistics(ctx, spec)
+    calibrator = spec.cls(config)
+    t = time.perf_counter()
+    final = np.asarray(calibrator.calibrate(ctx), dtype=np.float64)
+    report.timings["calibrate"] = time.perf_counter() - t
+    if final.shape != (len(ctx.sites),):
+        raise CalibrationError(f"calibrator {spec.name!r} returned {final.shape} amax values for "
+                               f"{len(ctx.sites)} active sites: it must return one per ctx.sites entry.")
+    ctx.set_amax(final)
+    for layer, value in zip(report.layers, final):
+        layer.final = float(max(value, 1e-8))
+    ctx.release_statistics()
+    for tspec, transform in passes:
+        if tspec.stage == "after_calibration":
+            applied.append(_apply(tspec, transform, ctx))
+
+    report.timings["n_evaluations"] = ctx.evaluator.count
+    report.timings["seconds_per_evaluation"] = ctx.evaluator.seconds / max(ctx.evaluator.count, 1)
+    report.timings["total"] = time.perf_counter() - t0
+    qmodel.__dict__["esc_report"] = report
+    qmodel.__dict__["esc_state"] = {
+        "fp32_digest": digest,
+        "calibrator": {"name": spec.name, "state": _state_of(calibrator)},
+        "transforms": [{"name": name, "stage": stage, "state": state} for name, stage, state in applied],
+    }
+    return qmodel
+
+
+def _apply(tspec, transform, ctx):
+    t = time.perf_counter()
+    transform.apply(ctx)
+    seconds = time.perf_counter() - t
+    ctx.report.ptq.append({"name": tspec.name, "stage": tspec.stage, "seconds": seconds})
+    return tspec.name, tspec.stage, transform.state_dict()
+
+
+def _state_of(obj):
+    return obj.state_dict() if hasattr(obj, "state_dict") else {}
+
+
+def _collect_statistics(ctx, spec):
+    """Pass 1: FP32 max (+ input samples when the calibrator needs them) and the op trace."""
+    t = time.perf_counter()
+    config, plan = ctx.config, ctx.plan
+    with trace_ops(ctx.model) as tracer:
+        ctx.observers = observe(plan, ctx.model, ctx.forward_loop, config.seed,
+                                sample_elements=config.init_max_elements if "samples" in spec.needs else 0,
+                                nan_policy=config.nan_policy)
+    _mark_unused(plan, ctx.observers)
+    ctx.sites = plan.active_points()
+    ctx.maxes = np.array([max(ctx.observers[p.name].amax, 0.0) for p in ctx.sites], dtype=np.float64)
+    report = ctx.report
+    report.coverage = build_coverage(ctx.model, ctx.sites, tracer, plan.excluded)
+    for p in plan.points:
+        if getattr(p, "unused", False):
+            report.coverage.append({"name": p.name, "op": p.op, "quantized": False, "calls": 0,
+                                    "reason": "never executed by forward_loop: left in float"})
+    report.layers = [LayerScales(p.name, p.op, float(m)) for p, m in zip(ctx.sites, ctx.maxes)]
+    nonfinite = {n: o.nonfinite for n, o in ctx.observers.items() if o.nonfinite}
+    if nonfinite:
+        report.notes.append(f"nan_policy='ignore': left out non-finite calibration values {nonfinite}")
+    report.timings["statistics"] = time.perf_counter() - t
+    if "histogram" in spec.needs:
+        ctx.histograms()
+
+
+def _mark_unused(plan, observers):
+    if not any(o.calls for o in observers.values()):
+        raise CalibrationError(
+            "forward_loop ran no input through the model's quantized ops: it must call the "
+            "model (the one passed in) on the calibration batches, e.g. `for x in batches: model(x)`."
+        )
+    for p in plan.points:
+        if not observers.get(p.name) or not observers[p.name].calls:
+            p.unused = True
+            p.input_quantizer.disable()

@@ -1,0 +1,114 @@
+"""ESC step 2 driver: the ask/evaluate/tell loop, progress and resumable checkpoints.
+
+The optimizer (:class:`~esc_plugin.core.search.ScaleSearch`) never calls the
+objective; this loop does, through the calibration context, so evaluation can
+be replaced (batched, remote) without touching the optimizer.
+
+Checkpoints hold plain arrays only (the init, and every generation's
+candidates and losses), never pickled objects: resuming rebuilds the search
+from its seed and replays the recorded generations, which reproduces the
+uninterrupted run's state exactly (CMA-ES is deterministic given its seed and
+the losses it is told), and loading a checkpoint cannot run code.
+"""
+import hashlib
+import json
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .io import torch_save
+from .search import ScaleSearch
+from .state import read_state_file
+
+CHECKPOINT_FORMAT = "esc_plugin.cma_checkpoint/2"
+
+
+def run_fingerprint(config, site_names, model_digest, maxes):
+    """Identifies a run: config (less the checkpoint path), sites, FP32 weights and calibration data.
+
+    The data enters through the FP32 max |x| of every site (rounded, so
+    bit-level noise of threaded kernels does not matter); other calibration
+    data gives other maxima.
+    """
+    data = [float(f"{m:.5e}") for m in np.asarray(maxes, dtype=np.float64)]
+    payload = [{k: v for k, v in config.to_dict().items() if k != "checkpoint"}, list(site_names),
+               model_digest, data]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
+
+
+class SearchDriver:
+    """Runs CMA-ES from ``init`` on ``ctx.evaluate``; writes/resumes ``config.checkpoint``."""
+
+    def __init__(self, ctx, init, init_objective, fingerprint):
+        self.ctx, self.config = ctx, ctx.config
+        self.init = np.asarray(init, dtype=np.float64)
+        self.init_objective = init_objective
+        self.fingerprint = fingerprint
+        self.generations = []  # [{"candidates": (k, N) array, "losses": (k,) array}]
+
+    def new_search(self):
+        c = self.config
+        return ScaleSearch(self.init, c.sigma0, c.budget, c.popsize, c.seed,
+                           max_amax=self.ctx.maxes, space=c.search_space)
+
+    def run(self):
+        search = self.new_search()
+        self._replay(search, self.generations)
+        bar = tqdm(total=search.budget, initial=search.evaluations, desc="ESC CMA-ES",
+                   disable=not self.ctx.progress)
+        while not search.done:
+            candidates = search.ask()
+            losses = []
+            for c in candidates:
+                losses.append(self.ctx.evaluate(c))
+                bar.update(1)
+            search.tell(candidates, losses)
+            self.generations.append({"candidates": np.stack(candidates), "losses": np.asarray(losses)})
+            bar.set_postfix(best=f"{search.best_loss:.4g}")
+            self.save()
+        bar.close()
+        return search
+
+    def _replay(self, search, generations):
+        for g, gen in enumerate(generations):
+            candidates = search.ask()
+            stored = np.asarray(gen["candidates"], dtype=np.float64)
+            if stored.shape != np.shape(candidates) or not np.array_equal(stored, np.stack(candidates)):
+                raise ConfigError(
+                    f"checkpoint {self.config.checkpoint}: generation {g} does not replay to the same "
+                    "candidates (written by another esc_plugin / cma version?): delete it to start over.")
+            search.tell(candidates, [float(v) for v in gen["losses"]])
+
+    # ------------------------------------------------------------ checkpoint file
+
+    def save(self):
+        if not self.config.checkpoint:
+            return
+        torch_save(self.config.checkpoint, {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
+            "init": torch.from_numpy(self.init), "init_objective": float(self.init_objective),
+            "generations": [{"candidates": torch.from_numpy(g["candidates"]),
+                             "losses": torch.from_numpy(np.asarray(g["losses"], dtype=np.float64))}
+                            for g in self.generations]})
+
+    @classmethod
+    def resume(cls, ctx, fingerprint):
+        """A driver restored from ``ctx.config.checkpoint``, or None when there is none to resume."""
+        path = ctx.config.checkpoint
+        state = read_state_file(path, "CMA-ES checkpoint", missing_ok=True)
+        if state is None:
+            return None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path} is not an esc_plugin CMA-ES checkpoint of this version "
+                              f"(format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}): delete it "
+                              "or point QuantConfig.checkpoint to a new file.")
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"checkpoint {path} belongs to another run (different config, FP32 weights or calibration "
+                "data): delete it or point QuantConfig.checkpoint to a new file.")
+        driver = cls(ctx, state["init"].numpy(), state["init_objective"], fingerprint)
+        driver.generations = [{"candidates": g["candidates"].numpy(), "losses": g["losses"].numpy()}
+                              for g in state["generations"]]
+        return driver

@@ -1,0 +1,6 @@
+"""Built-in PTQ passes (``QuantConfig(ptq=(...))``); importing this package registers them.
+
+A new pass is one module like these (a class decorated with
+:func:`esc_plugin.core.registry.register_transform`) plus its test.
+"""
+from . import smoothquant  # noqa: F401
