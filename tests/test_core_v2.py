@@ -1,0 +1,309 @@
+"""Core v2: registries, versioned state, and the reliability defects (each a regression test).
+
+Real torch / SpeechBrain / modelopt objects, no mocks.
+"""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import esc_plugin as esc
+from esc_plugin.core.errors import CalibrationError, ConfigError, ObjectiveError, QuantizationError
+from esc_plugin.core.registry import register_calibrator, unregister_calibrator
+
+
+class KwsNet(nn.Module):
+    """A small keyword-spotting shaped model: Conv1d front end, LayerNorm, MHA, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(12, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        h = self.norm(h)
+        h, _ = self.mha(h, h, h)
+        return self.out(torch.relu(self.fc(h))).mean(1)
+
+
+@pytest.fixture(scope="module")
+def kws():
+    torch.manual_seed(0)
+    model = KwsNet().eval()
+    data = [torch.randn(4, 10, 12) * torch.linspace(0.1, 20, 12) for _ in range(3)]
+    with torch.no_grad():
+        refs = [model(x) for x in data]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def objective(m):
+        return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
+
+    return model, data, loop, objective
+
+
+# ------------------------------------------------------------------ registries
+
+def test_a_calibrator_is_one_registered_class(kws):
+    model, data, loop, objective = kws
+
+    @register_calibrator("half_max_test", needs=("max",), summary="half the max")
+    class HalfMax:
+        def __init__(self, config):
+            self.config = config
+
+        def calibrate(self, ctx):
+            return ctx.maxes / 2
+
+    try:
+        assert "half_max_test" in esc.calibrator_names()
+        q = esc.quantize(model, esc.QuantConfig(method="half_max_test"), loop, progress=False)
+        assert all(abs(l.final - l.max / 2) <= 1e-6 * l.max for l in q.esc_report.layers)
+    finally:
+        unregister_calibrator("half_max_test")
+    with pytest.raises(ConfigError, match="half_max_test.*unknown|unknown.*max, percentile"):
+        esc.QuantConfig(method="half_max_test")
+
+
+def test_unknown_method_and_pass_list_the_registry():
+    with pytest.raises(ConfigError, match="max, percentile, entropy, mse, esc"):
+        esc.QuantConfig(method="kl")
+    with pytest.raises(ConfigError, match="smoothquant"):
+        esc.QuantConfig(ptq=("smoothquant2",))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bits": "8"}, "bits='8' \\(str\\) must be an integer"),
+    ({"budget": "100"}, "budget='100' \\(str\\) must be an integer"),
+    ({"seed": None}, "seed=None .* must be an integer"),
+    ({"seed": -1}, "seed=-1 must be >= 0"),
+    ({"checkpoint": 123}, "checkpoint=123 must be a file path"),
+    ({"budjet": 5}, "did you mean 'budget'.*valid options are act_bits"),
+    ({"selection": 1}, "valid options are"),
+    ({"quantize_attention": "yes"}, "must be true or false"),
+    ({"ptq": ("smoothquant", "smoothquant")}, "twice"),
+    ({"smoothquant_alpha": 1.5}, "in \\(0, 1\\]"),
+    ({"nan_policy": "drop"}, "'error', 'ignore'"),
+])
+def test_bad_config_values_name_the_fix(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        esc.QuantConfig(**kwargs)
+
+
+def test_config_accepts_natural_spellings():
+    assert esc.QuantConfig(exclude="head").exclude == ("head",)
+    assert esc.QuantConfig(percentiles=99.9).percentiles == (99.9,)
+    assert esc.QuantConfig(ptq="smoothquant").ptq == ("smoothquant",)
+
+
+def test_presets_give_one_name_per_variant():
+    cfg = esc.config_for("esc_initbest", bits=4)
+    assert (cfg.method, cfg.init, esc.label_of(cfg)) == ("esc", "best", "esc_initbest")
+    assert esc.label_of(esc.QuantConfig(method="max")) == "max"
+
+
+# ------------------------------------------------------------------ reliability
+
+def test_nan_in_calibration_data_is_an_error_naming_the_layer(kws):
+    model, data, loop, objective = kws
+    bad = [d.clone() for d in data]
+    bad[1][0, 3, 2] = float("nan")
+
+    def bad_loop(m):
+        for x in bad:
+            m(x)
+
+    with pytest.raises(CalibrationError, match="'conv' has 1 NaN/inf value.*call 2.*nan_policy='ignore'"):
+        esc.quantize(model, esc.QuantConfig(budget=4), bad_loop, objective, progress=False)
+    q = esc.quantize(model, esc.QuantConfig(budget=4, nan_policy="ignore"), bad_loop, objective, progress=False)
+    conv = next(l for l in q.esc_report.layers if l.name == "conv")
+    # the scale follows the finite data instead of collapsing to the grid floor
+    assert conv.init > 1e-2 * conv.max
+    assert any("non-finite" in n for n in q.esc_report.notes)
+
+
+def test_objective_that_is_never_finite_fails_loudly(kws):
+    model, data, loop, objective = kws
+    with pytest.raises(ObjectiveError, match="NaN or inf for all"):
+        esc.quantize(model, esc.QuantConfig(budget=4, popsize=2), loop, lambda m: float("inf"), progress=False)
+
+
+def test_search_spends_exactly_the_budget(kws):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(budget=10, popsize=4), loop, objective, progress=False)
+    assert q.esc_report.timings["n_search_evaluations"] == 10 == len(q.esc_report.history)
+
+
+def test_requantizing_a_quantized_model_names_the_fix(kws):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    with pytest.raises(QuantizationError, match="already quantized .*: pass the FP32 model"):
+        esc.quantize(q, esc.QuantConfig(method="max"), loop, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_esc_on_half_precision_models(kws, dtype):
+    model, data, loop, objective = kws
+    half = KwsNet().eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(dtype)
+
+    def hloop(m):
+        for x in data:
+            m(x.to(dtype))
+
+    def hobjective(m):
+        return sum(float(((m(x.to(dtype)).float() - model(x)) ** 2).mean()) for x in data)
+
+    q = esc.quantize(half, esc.QuantConfig(budget=4, popsize=2), hloop, hobjective, progress=False)
+    assert all(np.isfinite(l.final) and l.final > 0 for l in q.esc_report.layers)
+    assert np.isfinite(q.esc_report.objective["chosen"])
+
+
+# ------------------------------------------------------------------ state files
+
+def test_state_v2_roundtrip_and_digest(kws, tmp_path):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(budget=4), loop, objective, progress=False)
+    path = esc.save(q, tmp_path / "q.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "esc_plugin.quantized/2" and len(state["fp32_digest"]) == 64
+    assert state["weights"] and all(isinstance(v, torch.Tensor) for v in state["weights"].values())
+    r = esc.load(model, path)
+    with torch.no_grad():
+        assert torch.equal(q(data[0]), r(data[0]))
+    flipped = KwsNet().eval()
+    flipped.load_state_dict({k: -v for k, v in model.state_dict().items()})  # same sum of |w|
+    with pytest.raises(ConfigError, match="different weights"):
+        esc.load(flipped, path)
+
+
+def test_state_v1_files_still_load(kws, tmp_path):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    plan = q.esc_plan
+    from esc_plugin.core.state import weights_sum_fingerprint
+
+    v1 = {"format": "esc_plugin.quantized/1",
+          "config": {k: v for k, v in plan.config.to_dict().items() if k not in ("ptq", "nan_policy",
+                                                                                  "smoothquant_alpha")},
+          "amax": {p.name: float(p.input_quantizer.amax) for p in plan.points},
+          "sites": [(n,) + tuple(s) for n, m in q.named_modules() for s in getattr(m, "esc_sites", [])],
+          "attention_sites": [], "weights_fingerprint": weights_sum_fingerprint(plan), "report": None}
+    torch.save(v1, tmp_path / "v1.pt")
+    r = esc.load(model, tmp_path / "v1.pt")
+    with torch.no_grad():
+        assert torch.equal(q(data[0]), r(data[0]))
+
+
+class _Exploit:
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran():
+    _Exploit.ran = True
+    return {"format": "esc_plugin.quantized/2"}
+
+
+def test_loading_never_runs_code_from_a_file(kws, tmp_path):
+    model, data, loop, objective = kws
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "esc_plugin.quantized/2", "payload": _Exploit()}, path)
+    with pytest.raises(ConfigError, match="never loaded"):
+        esc.load(model, path)
+    ckpt = tmp_path / "evil.ckpt"
+    with open(ckpt, "wb") as f:
+        pickle.dump(_Exploit(), f)
+    with pytest.raises(ConfigError):
+        esc.quantize(model, esc.QuantConfig(budget=4, checkpoint=str(ckpt)), loop, objective, progress=False)
+    assert not _Exploit.ran
+
+
+def test_truncated_files_name_the_path(kws, tmp_path):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    path = esc.save(q, tmp_path / "q.pt")
+    data_bytes = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data_bytes[: len(data_bytes) // 2])
+    with pytest.raises(ConfigError, match=f"{path}.*truncated or corrupt"):
+        esc.load(model, path)
+
+
+def test_checkpoint_from_other_calibration_data_is_refused(kws, tmp_path):
+    model, data, loop, objective = kws
+    ckpt = str(tmp_path / "cma.ckpt")
+    esc.quantize(model, esc.QuantConfig(budget=4, popsize=2, checkpoint=ckpt), loop, objective, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    assert set(state) == {"format", "fingerprint", "init", "init_objective", "generations"}
+
+    def other_loop(m):
+        for x in data:
+            m(x * 1.5)
+
+    with pytest.raises(ConfigError, match="another run .*calibration data"):
+        esc.quantize(model, esc.QuantConfig(budget=4, popsize=2, checkpoint=ckpt), other_loop, objective,
+                     progress=False)
+    other = KwsNet().eval()
+    with pytest.raises(ConfigError, match="another run"):
+        esc.quantize(other, esc.QuantConfig(budget=4, popsize=2, checkpoint=ckpt), loop, objective,
+                     progress=False)
+
+
+# ------------------------------------------------------------------ SmoothQuant (first PTQ pass)
+
+def test_smoothquant_is_exact_in_float_and_helps_outlier_channels(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    scale = torch.ones(16)
+    scale[3] = 80.0  # one outlier input channel, as in transformer residual streams
+    data = [torch.randn(32, 16) * scale for _ in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def error(m):
+        with torch.no_grad():
+            return sum(float(((m(x) - model(x)) ** 2).mean()) for x in data)
+
+    plain = esc.quantize(model, esc.QuantConfig(method="max"), loop, progress=False)
+    smooth = esc.quantize(model, esc.QuantConfig(method="max", ptq=("smoothquant",)), loop, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # FP32 untouched
+    assert error(smooth) < error(plain)
+    # with every quantizer off the smoothed copy computes the FP32 function
+    plan = smooth.esc_plan
+    for p in plan.points:
+        p.input_quantizer.disable()
+    for wq in plan.weight_quantizers():
+        wq.disable()
+    with torch.no_grad():
+        assert torch.allclose(smooth(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
+    for p in plan.points:
+        p.input_quantizer.enable()
+    for wq in plan.weight_quantizers():
+        wq.enable()
+    path = esc.save(smooth, tmp_path / "sq.pt")
+    again = esc.load(model, path)
+    with torch.no_grad():
+        assert torch.equal(again(data[1]), smooth(data[1]))
+    assert [p["name"] for p in again.esc_report.ptq] == ["smoothquant"]
+
+
+def test_smoothquant_on_a_model_without_linear_layers_names_the_fix():
+    model = nn.Sequential(nn.LayerNorm(4)).eval()
+    with pytest.raises(ConfigError, match="needs nn.Linear or nn.Conv1d/2d.*drop 'smoothquant'"):
+        esc.quantize(model, esc.QuantConfig(method="max", ptq=("smoothquant",)), lambda m: m(torch.randn(2, 4)),
+                     progress=False)
