@@ -1,5 +1,10 @@
 """Deployment path: QDQ ONNX export, ONNX Runtime runner, TensorRT engine builder.
 
+Modules: :mod:`.onnx` (export driver and checks), :mod:`.qdq` (how each
+quantizer traces to Q/DQ), :mod:`.graph` (int8 weight initializers, graph
+inspection), :mod:`._attention` (shape-free ``nn.MultiheadAttention`` for
+export), :mod:`.ort` (ONNX Runtime), :mod:`.tensorrt` (TensorRT).
+
 >>> import esc_plugin as esc
 >>> from esc_plugin.export import export_qdq_onnx, OrtRunner
 >>> qmodel = esc.quantize(model, esc.QuantConfig(bits=8, method="esc"), loop, objective)  # doctest: +SKIP
@@ -11,8 +16,9 @@
 ``tensorrt`` is imported lazily by :func:`build_engine` / :class:`TrtRunner`.
 """
 from .errors import ExportError
-from .onnx import (MODES, check_exportable, fold_weight_quantizers, count_qdq, export_context, export_metadata,
-                   export_qdq_onnx, op_counts, qdq_nodes)
+from .graph import count_qdq, export_metadata, fold_weight_quantizers, op_counts, qdq_nodes
+from .onnx import check_exportable, export_qdq_onnx
+from .qdq import MODES, export_context
 from .ort import INTEGER_OPS, OrtRunner, int8_kernels_exact, integer_ops, ort_optimized_model
 from .tensorrt import TrtRunner, build_engine
 
