@@ -217,8 +217,8 @@ def test_bad_input_errors(setup):
         esc.QuantConfig(bits=2)
     with pytest.raises(ConfigError, match="valid options"):
         esc.QuantConfig.from_dict({"bits": 8, "sigma": 0.1})
-    with pytest.raises(CalibrationError, match="needs an objective"):
-        esc.quantize(model, esc.QuantConfig(method="esc"), loop)
+    with pytest.raises(CalibrationError, match="objective must be a callable"):
+        esc.quantize(model, esc.QuantConfig(method="esc"), loop, objective="wer")
     with pytest.raises(CalibrationError, match="ran no input"):
         esc.quantize(model, esc.QuantConfig(method="max"), lambda m: None)
     with pytest.raises(QuantizationError, match="no quantizable op"):

@@ -307,3 +307,62 @@ def test_smoothquant_on_a_model_without_linear_layers_names_the_fix():
     with pytest.raises(ConfigError, match="needs nn.Linear or nn.Conv1d/2d.*drop 'smoothquant'"):
         esc.quantize(model, esc.QuantConfig(method="max", ptq=("smoothquant",)), lambda m: m(torch.randn(2, 4)),
                      progress=False)
+
+
+# ------------------------------------------------------------------ label-free objective and guard
+
+def test_esc_without_objective_distills_from_the_fp32_outputs(kws):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4), loop, progress=False)
+    report = q.esc_report
+    assert any("distillation to the FP32 outputs (mse, inferred)" in n for n in report.notes)
+    # the guard compared the search mean, the best sample and the init on held-back calls
+    assert {r["name"] for r in report.selection} == {"mean", "best_sample", "init"}
+    assert all(r["selection"] is not None for r in report.selection)
+    assert any("selection" in h for h in report.history)
+    assert report.timings["n_evaluations"] <= 8 + 4  # init, Γ candidates, mean, guard re-scores
+    assert esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4), loop,
+                        progress=False).esc_report.layers[0].final == report.layers[0].final  # deterministic
+
+
+def test_distillation_needs_tensor_outputs():
+    class Words(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.fc(x)
+            return "yes"
+
+    with pytest.raises(CalibrationError, match="no tensor outputs.*or pass an objective"):
+        esc.quantize(Words().eval(), esc.QuantConfig(budget=4), lambda m: m(torch.randn(2, 4)), progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [{"selection_split": 0.7}, {"selection_split": 0}, {"distill": "l1"},
+                                    {"distill_weight": -1}])
+def test_bad_guard_and_distill_options(kwargs):
+    with pytest.raises(ConfigError):
+        esc.QuantConfig(**kwargs)
+
+
+def test_split_aware_objective_is_guarded(kws):
+    model, data, loop, objective = kws
+    calls = {"search": 0, "select": 0}
+
+    class Split:
+        def __call__(self, m):
+            return objective(m)
+
+        def split(self, fraction):
+            def search(m):
+                calls["search"] += 1
+                return objective(m)
+
+            def select(m):
+                calls["select"] += 1
+                return objective(m)
+            return search, select
+
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=6, popsize=3), loop, Split(), progress=False)
+    assert calls["select"] == 3 and [r["name"] for r in q.esc_report.selection] == ["mean", "best_sample", "init"]

@@ -19,7 +19,7 @@ esc_plugin.core.errors.ConfigError: bits=3 is not supported: use 8 (W8A8) or 4 (
 >>> QuantConfig(budjet=10)
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, exclude, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, sigma0, smoothquant_alpha, weight_bits.
+esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, distill, distill_weight, exclude, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, selection_split, sigma0, smoothquant_alpha, weight_bits.
 """
 import difflib
 import numbers
@@ -103,6 +103,20 @@ class QuantConfig:
         :func:`esc_plugin.core.registry.transform_names`). Passes of the
         ``before_calibration`` stage run first, in the order given, then the
         calibrator, then the ``after_calibration`` passes.
+    distill : str
+        The label-free objective (:mod:`esc_plugin.core.distill`): distance
+        of the quantized outputs to the FP32 model's on the forward loop.
+        ``"auto"`` (KL for a classification/vocabulary head, MSE otherwise),
+        ``"kl"`` or ``"mse"``. ESC uses it when no objective is given.
+    distill_weight : float
+        With an objective given, ESC minimises ``objective + distill_weight *
+        distillation`` (0, the default, leaves the objective alone).
+    selection_split : float or None
+        Selection guard: the fraction of calibration calls held back from the
+        search; the final scales are chosen among the search mean, the best
+        sample and the start point on that held-back part. Applies to the
+        distillation objective and to objectives with a ``split(fraction)``
+        method; ``None`` turns it off.
     smoothquant_alpha : float
         Migration strength α of the ``smoothquant`` pass, in (0, 1]
         (0.5 as in the SmoothQuant paper).
@@ -134,6 +148,9 @@ class QuantConfig:
     keep_init_if_worse: bool = True
     checkpoint: Optional[str] = None
     ptq: Tuple[str, ...] = ()
+    distill: str = "auto"
+    distill_weight: float = 0.0
+    selection_split: Optional[float] = 0.2
     smoothquant_alpha: float = 0.5
     nan_policy: str = "error"
 
@@ -156,6 +173,15 @@ class QuantConfig:
         _choice("search_space", self.search_space, ("log", "range"))
         _choice("init", self.init, ("output_mse", "best"))
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("distill", self.distill, ("auto", "kl", "mse"))
+        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, numbers.Real) \
+                or self.distill_weight < 0:
+            raise ConfigError(f"distill_weight={_kind(self.distill_weight)} must be a number >= 0.")
+        if self.selection_split is not None:
+            if isinstance(self.selection_split, bool) or not isinstance(self.selection_split, numbers.Real) \
+                    or not 0 < self.selection_split <= 0.5:
+                raise ConfigError(f"selection_split={_kind(self.selection_split)} must be in (0, 0.5] "
+                                  "(e.g. 0.2), or None to turn the selection guard off.")
         _integer("budget", self.budget, "the number of objective evaluations, e.g. 100", low=1)
         _number("sigma0", self.sigma0, "the initial CMA-ES step size, e.g. 0.1 (the paper)")
         if self.popsize is not None:

@@ -26,6 +26,7 @@ class Evaluator:
     def __init__(self, objective, qmodel, plan):
         self.objective, self.qmodel, self.plan = objective, qmodel, plan
         self.count, self.seconds, self.n_nonfinite = 0, 0.0, 0
+        self.last_selection = None  # held-back score of the last evaluation, when the objective splits
 
     def __call__(self, amax):
         if not callable(self.objective):
@@ -46,6 +47,8 @@ class Evaluator:
             ) from exc
         self.seconds += time.perf_counter() - t
         self.count += 1
+        sel = getattr(self.objective, "last_selection", None)
+        self.last_selection = sel if sel is None or math.isfinite(sel) else WORST_LOSS
         if not math.isfinite(value):
             self.n_nonfinite += 1
             return WORST_LOSS
@@ -82,6 +85,19 @@ class CalibrationContext:
         self.observers = {}
         self._histograms = None
         self.evaluator = Evaluator(objective, model, plan)
+        self.selection_objective = None  # a separate held-back objective (from objective.split)
+        self.model_digest = None
+
+    def use_objective(self, objective, selection_objective=None):
+        """Replace the objective (e.g. by the distillation objective) before calibration."""
+        self.objective, self.selection_objective = objective, selection_objective
+        self.evaluator.objective = objective
+
+    def evaluate_selection(self, amax):
+        """The held-back score of ``amax``: a separate selection objective, or None."""
+        if self.selection_objective is None:
+            return None
+        return Evaluator(self.selection_objective, self.model, self.plan)(amax)
 
     @property
     def has_objective(self):

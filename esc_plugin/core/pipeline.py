@@ -10,6 +10,7 @@ import numpy as np
 from .config import QuantConfig
 from .context import CalibrationContext
 from .coverage import build_coverage, trace_ops
+from .distill import DistillObjective, OutputRecorder, infer_kind
 from .errors import CalibrationError, ConfigError
 from .plan import check_not_quantized, insert_quantizers, observe
 from .registry import get_calibrator, get_transform
@@ -26,6 +27,9 @@ def check_inputs(model, config, forward_loop, objective):
     if not callable(forward_loop):
         raise CalibrationError("forward_loop is required: a callable forward_loop(model) that runs "
                                "the calibration inputs through the model.")
+    if objective is not None and not callable(objective):
+        raise CalibrationError(f"objective must be a callable objective(model) -> float, got "
+                               f"{type(objective).__name__}.")
     if spec.objective == "required" and not callable(objective):
         raise CalibrationError(f"method={config.method!r} needs an objective: a callable objective(model) -> "
                                "float returning the task error on the calibration samples (lower is better).")
@@ -53,6 +57,7 @@ def run_pipeline(model, config, forward_loop, objective, progress=True):
         if tspec.stage == "before_calibration":
             applied.append(_apply(tspec, transform, ctx))
     _collect_statistics(ctx, spec)
+    _choose_objective(ctx, spec)
     calibrator = spec.cls(config)
     t = time.perf_counter()
     final = np.asarray(calibrator.calibrate(ctx), dtype=np.float64)
@@ -96,10 +101,16 @@ def _collect_statistics(ctx, spec):
     """Pass 1: FP32 max (+ input samples when the calibrator needs them) and the op trace."""
     t = time.perf_counter()
     config, plan = ctx.config, ctx.plan
-    with trace_ops(ctx.model) as tracer:
-        ctx.observers = observe(plan, ctx.model, ctx.forward_loop, config.seed,
-                                sample_elements=config.init_max_elements if "samples" in spec.needs else 0,
-                                nan_policy=config.nan_policy)
+    # FP32 outputs for the distillation objective come from this same pass (no extra pass)
+    ctx.recorder = OutputRecorder(ctx.model) if _wants_distill(ctx, spec) else None
+    try:
+        with trace_ops(ctx.model) as tracer:
+            ctx.observers = observe(plan, ctx.model, ctx.forward_loop, config.seed,
+                                    sample_elements=config.init_max_elements if "samples" in spec.needs else 0,
+                                    nan_policy=config.nan_policy)
+    finally:
+        if ctx.recorder is not None:
+            ctx.recorder.close()
     _mark_unused(plan, ctx.observers)
     ctx.sites = plan.active_points()
     ctx.maxes = np.array([max(ctx.observers[p.name].amax, 0.0) for p in ctx.sites], dtype=np.float64)
@@ -116,6 +127,48 @@ def _collect_statistics(ctx, spec):
     report.timings["statistics"] = time.perf_counter() - t
     if "histogram" in spec.needs:
         ctx.histograms()
+
+
+def _wants_distill(ctx, spec):
+    return spec.objective != "none" and (not ctx.has_objective or ctx.config.distill_weight > 0)
+
+
+def _choose_objective(ctx, spec):
+    """Label-free distillation when no objective is given; the selection guard's split."""
+    config, report, user = ctx.config, ctx.report, ctx.objective
+    split = config.selection_split
+    if ctx.recorder is not None:
+        kind = infer_kind(ctx.recorder) if config.distill == "auto" else config.distill
+        holdout = split if split and not callable(user) else 0.0
+        distill = DistillObjective(ctx.forward_loop, ctx.recorder.outputs, kind, holdout)
+        report.notes.append(f"objective: distillation to the FP32 outputs ({kind}"
+                            f"{', inferred' if config.distill == 'auto' else ''})"
+                            + ("" if not callable(user) else f" x {config.distill_weight} added to the "
+                               "given objective"))
+        ctx.use_objective(distill if not callable(user) else _Sum(user, distill, config.distill_weight))
+        ctx.recorder = None
+    if split and callable(getattr(user, "split", None)):
+        search, select = user.split(split)
+        if callable(ctx.objective) and ctx.objective is not user:  # distillation added on top
+            search = _Sum(search, ctx.objective.distill, config.distill_weight)
+        ctx.use_objective(search, select)
+        report.notes.append(f"selection guard: the objective's split ({split:.0%} held back)")
+    elif split and getattr(ctx.objective, "splits", False):
+        report.notes.append(f"selection guard: {split:.0%} of the forward loop's calls held back")
+    elif split and spec.objective != "none" and ctx.has_objective:
+        report.notes.append("selection guard off: the objective cannot be split (give it a split(fraction) "
+                            "method, or pass no objective for the label-free distillation objective)")
+
+
+class _Sum:
+    """``objective + weight * distill`` (user objective combined with distillation)."""
+
+    def __init__(self, objective, distill, weight):
+        self.objective, self.distill, self.weight = objective, distill, weight
+        self.last_selection = None
+
+    def __call__(self, model):
+        return float(self.objective(model)) + self.weight * self.distill(model)
 
 
 def _mark_unused(plan, observers):

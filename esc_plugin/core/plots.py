@@ -27,6 +27,13 @@ def plot_convergence(report, folder):
     means = [losses[(gens == g) & finite].mean() for g in np.unique(gens) if ((gens == g) & finite).any()]
     ends = [np.nonzero(gens == g)[0][-1] for g in np.unique(gens) if ((gens == g) & finite).any()]
     ax.plot(ends, means, "o-", color="C2", label="generation mean")
+    held = np.array([h.get("selection", np.nan) for h in report.history], dtype=float)
+    if np.isfinite(held).any():  # the selection guard's held-back part, same candidates
+        ok = np.isfinite(held) & (held < 1e29)
+        ax.scatter(np.nonzero(ok)[0], held[ok], s=8, alpha=0.4, marker="x", color="C5",
+                   label="candidate, held-back part")
+        ax.plot(np.minimum.accumulate(np.where(ok, held, np.inf)), color="C5", ls=":",
+                label="held-back best so far")
     for key, color in (("init", "C3"), ("final", "C4")):
         if key in report.objective:
             ax.axhline(report.objective[key], ls="--", color=color, label=f"{key} ({report.objective[key]:.4g})")

@@ -18,7 +18,7 @@ Example
 >>> calibrator_names()[:5]
 ('max', 'percentile', 'entropy', 'mse', 'esc')
 >>> get_calibrator("esc").objective, sorted(get_calibrator("esc").needs)
-('required', ['max', 'samples'])
+('optional', ['max', 'samples'])
 >>> @register_calibrator("half_max", needs=("max",), summary="half the observed max")
 ... class HalfMax:
 ...     def __init__(self, config):

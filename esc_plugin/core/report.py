@@ -26,6 +26,7 @@ class QuantReport:
     timings: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     ptq: List[dict] = field(default_factory=list)  # PTQ passes in the order they ran, with times
+    selection: List[dict] = field(default_factory=list)  # guard: search vs held-back score per candidate
 
     @property
     def quantized_ops(self):

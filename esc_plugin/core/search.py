@@ -69,7 +69,7 @@ class ScaleSearch:
         self.generation = 0
         self.evaluations = 0
         self.history = []  # one dict per evaluation
-        self.best_amax, self.best_loss = None, np.inf
+        self.best_amax, self.best_loss, self.best_selection = None, np.inf, None
         self._pending = None
 
     @property
@@ -105,7 +105,9 @@ class ScaleSearch:
             return self.max_amax * np.clip(x, MIN_FRACTION, 1.0)
         return self.init_amax * np.exp(x)
 
-    def tell(self, candidates, losses):
+    def tell(self, candidates, losses, selections=None):
+        """Losses of the asked candidates; ``selections`` (optional) are their held-back scores,
+        kept in the history for the selection guard and the convergence plot (never told to cma)."""
         losses = [float(v) if np.isfinite(v) else WORST_LOSS for v in losses]
         if self._pending is None or len(losses) != len(candidates) or \
                 len(losses) != min(len(self._pending), self.budget - self.evaluations):
@@ -115,11 +117,16 @@ class ScaleSearch:
         if len(losses) >= self.es.sp.weights.mu:
             with self._own_rng():
                 self.es.tell(self._pending[:len(losses)], losses)
-        for amax, loss in zip(candidates, losses):
-            self.history.append({"evaluation": self.evaluations, "generation": self.generation, "loss": loss})
+        selections = selections if selections is not None else [None] * len(losses)
+        for amax, loss, selection in zip(candidates, losses, selections):
+            entry = {"evaluation": self.evaluations, "generation": self.generation, "loss": loss}
+            if selection is not None:
+                entry["selection"] = float(selection)
+            self.history.append(entry)
             self.evaluations += 1
             if loss < self.best_loss:
                 self.best_amax, self.best_loss = np.asarray(amax, dtype=np.float64), loss
+                self.best_selection = selection
         self._pending = None
         self.generation += 1
 

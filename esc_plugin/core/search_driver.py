@@ -60,12 +60,14 @@ class SearchDriver:
                    disable=not self.ctx.progress)
         while not search.done:
             candidates = search.ask()
-            losses = []
+            losses, selections = [], []
             for c in candidates:
                 losses.append(self.ctx.evaluate(c))
+                selections.append(self.ctx.evaluator.last_selection)
                 bar.update(1)
-            search.tell(candidates, losses)
-            self.generations.append({"candidates": np.stack(candidates), "losses": np.asarray(losses)})
+            search.tell(candidates, losses, selections)
+            self.generations.append({"candidates": np.stack(candidates), "losses": np.asarray(losses),
+                                     "selections": _nan_for_none(selections)})
             bar.set_postfix(best=f"{search.best_loss:.4g}")
             self.save()
         bar.close()
@@ -79,7 +81,9 @@ class SearchDriver:
                 raise ConfigError(
                     f"checkpoint {self.config.checkpoint}: generation {g} does not replay to the same "
                     "candidates (written by another esc_plugin / cma version?): delete it to start over.")
-            search.tell(candidates, [float(v) for v in gen["losses"]])
+            selections = gen.get("selections")
+            search.tell(candidates, [float(v) for v in gen["losses"]],
+                        None if selections is None else [None if np.isnan(v) else float(v) for v in selections])
 
     # ------------------------------------------------------------ checkpoint file
 
@@ -90,7 +94,8 @@ class SearchDriver:
             "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
             "init": torch.from_numpy(self.init), "init_objective": float(self.init_objective),
             "generations": [{"candidates": torch.from_numpy(g["candidates"]),
-                             "losses": torch.from_numpy(np.asarray(g["losses"], dtype=np.float64))}
+                             "losses": torch.from_numpy(np.asarray(g["losses"], dtype=np.float64)),
+                             "selections": torch.from_numpy(np.asarray(g["selections"], dtype=np.float64))}
                             for g in self.generations]})
 
     @classmethod
@@ -109,6 +114,10 @@ class SearchDriver:
                 f"checkpoint {path} belongs to another run (different config, FP32 weights or calibration "
                 "data): delete it or point QuantConfig.checkpoint to a new file.")
         driver = cls(ctx, state["init"].numpy(), state["init_objective"], fingerprint)
-        driver.generations = [{"candidates": g["candidates"].numpy(), "losses": g["losses"].numpy()}
-                              for g in state["generations"]]
+        driver.generations = [{"candidates": g["candidates"].numpy(), "losses": g["losses"].numpy(),
+                               "selections": g["selections"].numpy()} for g in state["generations"]]
         return driver
+
+
+def _nan_for_none(values):
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)

@@ -19,7 +19,7 @@ from ..selection import choose
 BASELINES = ("max", "percentile", "entropy", "mse")
 
 
-@register_calibrator("esc", needs=("max", "samples"), objective="required",
+@register_calibrator("esc", needs=("max", "samples"), objective="optional",
                      summary="ESC: output-MSE init + CMA-ES on the task objective")
 class EscCalibrator:
     def __init__(self, config):
@@ -41,17 +41,46 @@ class EscCalibrator:
         search = driver.run()
         mean = search.mean_amax()
         report.objective["final"] = ctx.evaluate(mean)
+        mean_selection = ctx.evaluator.last_selection
         report.objective["best_sample"] = search.best_loss
         report.history = search.history
-        name, amax, score = choose([("mean", mean, report.objective["final"]),
-                                    ("init", driver.init, driver.init_objective)], cfg.keep_init_if_worse)
-        if name == "init":
-            report.notes.append("the search mean scored worse than the local init: kept the init")
+        name, amax, score = self._select(ctx, driver, search, mean, mean_selection)
         report.objective["chosen"] = score
         report.timings["search"] = time.perf_counter() - t
         report.timings["n_search_evaluations"] = search.evaluations
         self._check_finite(ctx)
         return np.asarray(amax, dtype=np.float64)
+
+    def _select(self, ctx, driver, search, mean, mean_selection):
+        """The selection guard when the objective has a held-back part, else the paper's mean
+        (or the init when the mean scores worse, with ``keep_init_if_worse``)."""
+        report, cfg = ctx.report, self.config
+        guarded = ctx.selection_objective is not None or mean_selection is not None
+        if not guarded:
+            name, amax, score = choose([("mean", mean, report.objective["final"]),
+                                        ("init", driver.init, driver.init_objective)], cfg.keep_init_if_worse)
+            if name == "init":
+                report.notes.append("the search mean scored worse than the local init: kept the init")
+            return name, amax, score
+        rows = [("mean", mean, report.objective["final"], mean_selection),
+                ("best_sample", search.best_amax, search.best_loss, search.best_selection),
+                ("init", driver.init, driver.init_objective, None)]
+        scored = []
+        for name, amax, score, selection in rows:
+            if amax is None:
+                continue
+            if ctx.selection_objective is not None:
+                selection = ctx.evaluate_selection(amax)
+            elif selection is None:  # the split objective scores both parts in one evaluation
+                score, selection = ctx.evaluate(amax), ctx.evaluator.last_selection
+            scored.append((name, amax, score, selection))
+        report.selection = [{"name": n, "search": s, "selection": h} for n, _, s, h in scored]
+        name, amax, _ = choose([(n, a, h) for n, a, _, h in scored], cfg.keep_init_if_worse)
+        chosen = next(r for r in scored if r[0] == name)
+        report.objective["chosen_selection"] = chosen[3]
+        report.notes.append(f"selection guard: chose the {name} on the held-back part "
+                            f"({chosen[3]:.4g}; search part {chosen[2]:.4g})")
+        return name, amax, chosen[2]
 
     def _start(self, ctx, fingerprint):
         t = time.perf_counter()

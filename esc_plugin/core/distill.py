@@ -1,0 +1,144 @@
+"""Label-free objective: distance of the quantized model's outputs to the FP32 model's.
+
+The targets are the FP32 outputs of the model's root ``forward`` on the
+caller's own forward loop, recorded once by a hook during the statistics
+pass (the loop itself is not changed). Each later evaluation runs the same
+loop on the quantized copy and compares call by call:
+
+* ``kl``: KL(softmax(FP32) || softmax(quantized)) over the last dimension,
+  for logits (classifiers, CTC, token logits);
+* ``mse``: mean squared error normalised by the FP32 output's mean square,
+  for everything else (features, spectrograms, masks, embeddings).
+
+``auto`` chooses ``kl`` when the model's output is produced by its last
+``nn.Linear`` (a classification / vocabulary head), ``mse`` otherwise, and
+the report says which it chose.
+
+The calls of the loop are split into a search part and a held-back
+selection part (every k-th call), so the selection guard can compare the
+search's results on outputs the search never optimised; both parts come
+from the same forward pass, so the guard costs no extra evaluation.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CalibrationError
+
+_EPS = 1e-12
+
+
+def output_tensors(output):
+    """Floating-point tensors in a model output (tensor, tuple, list, dict, or an object with fields)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        items = list(output.values())
+    elif isinstance(output, (list, tuple)):
+        items = list(output)
+    elif hasattr(output, "__dict__") and not isinstance(output, torch.nn.Module):
+        items = list(vars(output).values())
+    else:
+        return []
+    return [t for item in items for t in output_tensors(item)]
+
+
+class OutputRecorder:
+    """Forward hook on the root module collecting its outputs per call (detached, float32)."""
+
+    def __init__(self, model):
+        self.outputs = []
+        self.last_linear_out = None
+        self._handles = [model.register_forward_hook(self._root)]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if linears:
+            self._handles.append(linears[-1].register_forward_hook(self._head))
+
+    def _head(self, module, args, output):
+        self.last_linear_out = output
+
+    def _root(self, module, args, output):
+        tensors = output_tensors(output)
+        self.head_is_output = any(t is self.last_linear_out for t in tensors)
+        self.outputs.append([t.detach().float() for t in tensors])
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _kl(q, t):
+    if t.dim() == 0 or t.shape[-1] < 2:
+        return _mse(q, t)
+    logp = F.log_softmax(t, dim=-1)
+    return float(F.kl_div(F.log_softmax(q, dim=-1), logp, log_target=True, reduction="none").sum(-1).mean())
+
+
+def _mse(q, t):
+    return float(((q - t) ** 2).mean() / ((t ** 2).mean() + _EPS))
+
+
+class DistillObjective:
+    """``objective(model) -> float`` against recorded FP32 outputs; see the module docstring.
+
+    Arguments
+    ---------
+    forward_loop : callable
+        The caller's calibration loop.
+    targets : list
+        Per root call, the list of FP32 output tensors.
+    kind : str
+        ``kl`` or ``mse``.
+    holdout : float
+        Fraction of calls held back for selection (0: none).
+    """
+
+    def __init__(self, forward_loop, targets, kind, holdout=0.0):
+        if not targets or not any(targets):
+            raise CalibrationError(
+                "the distillation objective found no tensor outputs: the model's forward must return a "
+                "tensor (or a tuple/dict of tensors) for the forward loop's calls, or pass an objective "
+                "(a callable objective(model) -> float).")
+        self.forward_loop, self.targets, self.kind = forward_loop, targets, kind
+        n = len(targets)
+        # at least one held-back call whenever there are two or more
+        every = max(2, min(round(1 / holdout), n)) if holdout > 0 and n >= 2 else 0
+        self.selection_calls = [i for i in range(n) if every and i % every == every - 1]
+        self.search_calls = [i for i in range(n) if i not in set(self.selection_calls)]
+        self.last_selection = None
+
+    @property
+    def splits(self):
+        return bool(self.selection_calls)
+
+    def __call__(self, model):
+        recorder = OutputRecorder(model)
+        try:
+            with torch.no_grad():
+                self.forward_loop(model)
+        finally:
+            recorder.close()
+        if len(recorder.outputs) != len(self.targets):
+            raise CalibrationError(
+                f"the forward loop made {len(recorder.outputs)} model calls, but {len(self.targets)} when the "
+                "FP32 targets were recorded: the distillation objective needs a deterministic loop (same "
+                "batches, same order) — e.g. no shuffling dataloader.")
+        distance = _kl if self.kind == "kl" else _mse
+        per_call = []
+        for got, want in zip(recorder.outputs, self.targets):
+            values = [distance(q.to(t.device), t) for q, t in zip(got, want)]
+            per_call.append(sum(values) / max(len(values), 1))
+        self.last_selection = _mean(per_call, self.selection_calls) if self.splits else None
+        return _mean(per_call, self.search_calls)
+
+
+def _mean(values, idx):
+    picked = [values[i] for i in idx]
+    out = sum(picked) / max(len(picked), 1)
+    return out if math.isfinite(out) else float("inf")
+
+
+def infer_kind(recorder):
+    """``kl`` when the root output came straight from the model's last ``nn.Linear``, else ``mse``."""
+    return "kl" if getattr(recorder, "head_is_output", False) else "mse"
