@@ -366,3 +366,38 @@ def test_split_aware_objective_is_guarded(kws):
 
     q = esc.quantize(model, esc.QuantConfig(bits=4, budget=6, popsize=3), loop, Split(), progress=False)
     assert calls["select"] == 3 and [r["name"] for r in q.esc_report.selection] == ["mean", "best_sample", "init"]
+
+
+# ------------------------------------------------------------------ bias correction and fallback
+
+def test_bias_correction_reduces_the_output_shift_and_reloads(kws, tmp_path):
+    model, data, loop, objective = kws
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    bc = esc.quantize(model, esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",)), loop, progress=False)
+    assert objective(bc) < objective(plain)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # FP32 untouched
+    again = esc.load(model, esc.save(bc, tmp_path / "bc.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(data[0]), bc(data[0]))
+
+
+def test_fallback_leaves_the_most_sensitive_ops_in_float(kws, tmp_path):
+    model, data, loop, objective = kws
+    q = esc.quantize(model, esc.QuantConfig(bits=4, method="max", fallback_layers=2), loop, objective,
+                     progress=False)
+    report = q.esc_report
+    assert q.esc_plan.config.ptq == ("fallback",)
+    top = [s["name"] for s in report.sensitivity[:2]]
+    floats = {c["name"] for c in report.coverage if "accuracy fallback" in c.get("reason", "")}
+    assert floats == set(top)
+    plain = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    assert objective(q) < objective(plain)
+    paths = report.plot(tmp_path)
+    assert any(str(p).endswith("sensitivity.png") for p in paths)
+    again = esc.load(model, esc.save(q, tmp_path / "fb.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(data[0]), q(data[0]))
+    drop = esc.quantize(model, esc.QuantConfig(bits=4, method="max", max_drop=0.0), loop, objective,
+                        progress=False)
+    assert drop.esc_report.objective["fallback_reached"] <= drop.esc_report.objective["fallback_target"] + 1e-12

@@ -19,7 +19,7 @@ esc_plugin.core.errors.ConfigError: bits=3 is not supported: use 8 (W8A8) or 4 (
 >>> QuantConfig(budjet=10)
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, distill, distill_weight, exclude, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, selection_split, sigma0, smoothquant_alpha, weight_bits.
+esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, distill, distill_weight, exclude, fallback_layers, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, max_drop, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, selection_split, sigma0, smoothquant_alpha, weight_bits.
 """
 import difflib
 import numbers
@@ -117,6 +117,12 @@ class QuantConfig:
         sample and the start point on that held-back part. Applies to the
         distillation objective and to objectives with a ``split(fraction)``
         method; ``None`` turns it off.
+    fallback_layers : int
+        Accuracy fallback: leave this many of the most sensitive quantized
+        ops in float (see :mod:`esc_plugin.core.transforms.fallback`).
+    max_drop : float, optional
+        Accuracy fallback: leave the most sensitive ops in float until the
+        objective is within ``max_drop`` (absolute) of the FP32 model's.
     smoothquant_alpha : float
         Migration strength α of the ``smoothquant`` pass, in (0, 1]
         (0.5 as in the SmoothQuant paper).
@@ -151,6 +157,8 @@ class QuantConfig:
     distill: str = "auto"
     distill_weight: float = 0.0
     selection_split: Optional[float] = 0.2
+    fallback_layers: int = 0
+    max_drop: Optional[float] = None
     smoothquant_alpha: float = 0.5
     nan_policy: str = "error"
 
@@ -199,6 +207,13 @@ class QuantConfig:
             raise ConfigError(f"percentiles={self.percentiles} must be values in (0, 100], e.g. (99.99, 99.999).")
         self.exclude = _strings_or_numbers("exclude", self.exclude)
         self.ptq = _strings_or_numbers("ptq", self.ptq)
+        _integer("fallback_layers", self.fallback_layers, "the number of ops to leave in float", low=0)
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or
+                                          not isinstance(self.max_drop, numbers.Real) or self.max_drop < 0):
+            raise ConfigError(f"max_drop={_kind(self.max_drop)} must be a number >= 0 (the allowed increase "
+                              "of the objective over FP32, e.g. 0.01), or None.")
+        if (self.fallback_layers or self.max_drop is not None) and "fallback" not in self.ptq:
+            self.ptq = self.ptq + ("fallback",)
         for name in self.ptq:
             get_transform(name)
         _number("smoothquant_alpha", self.smoothquant_alpha, "the SmoothQuant migration strength in (0, 1]")

@@ -130,7 +130,8 @@ def _collect_statistics(ctx, spec):
 
 
 def _wants_distill(ctx, spec):
-    return spec.objective != "none" and (not ctx.has_objective or ctx.config.distill_weight > 0)
+    uses_objective = spec.objective != "none" or "fallback" in ctx.config.ptq
+    return uses_objective and (not ctx.has_objective or ctx.config.distill_weight > 0)
 
 
 def _choose_objective(ctx, spec):

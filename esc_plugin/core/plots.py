@@ -59,3 +59,22 @@ def plot_amax(report, folder):
     ax.set_title(f"Per-layer activation ranges, A{report.config['act_bits']}")
     ax.legend(fontsize=8)
     return _save(fig, os.path.join(folder, "amax.png"))
+
+
+def plot_sensitivity(report, folder, top=40):
+    """Bar plot: objective gain when each op alone is left in float (the fallback's ranking)."""
+    rows = report.sensitivity[:top]
+    fig, ax = plt.subplots(figsize=(max(7, len(rows) * 0.22), 4.5))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["gain"] for r in rows], color=["C3" if "float" in _reason(report, r["name"]) else "C0"
+                                                  for r in rows])
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("objective gain with the op in float")
+    ax.set_title(f"Per-op sensitivity, W{report.config['weight_bits']}A{report.config['act_bits']} "
+                 "(red: left in float by the fallback)")
+    return _save(fig, os.path.join(folder, "sensitivity.png"))
+
+
+def _reason(report, name):
+    return next((c.get("reason", "") for c in report.coverage if c["name"] == name), "")

@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     from modelopt.torch.quantization.nn import TensorQuantizer
 
 from .errors import CalibrationError
-from .numerics import MIN_AMAX, fake_quant  # noqa: F401  (re-exported)
+from .numerics import MIN_AMAX, fake_quant  # noqa: F401  (fake_quant re-exported)
 
 
 class ActivationQuantizer(TensorQuantizer):
@@ -42,11 +42,16 @@ class ActivationQuantizer(TensorQuantizer):
         self.pre_scale_axis = axis
         self.pre_scale = None if scale is None else scale.detach().float().clone()
 
+    def apply_pre_scale(self, inputs):
+        """The input as this quantizer quantizes it (divided by the pre-scale, if any)."""
+        if self.pre_scale is None:
+            return inputs
+        shape = [1] * inputs.dim()
+        shape[self.pre_scale_axis] = -1
+        return inputs / self.pre_scale.to(inputs.dtype).view(shape)
+
     def forward(self, inputs):
-        if self.pre_scale is not None:
-            shape = [1] * inputs.dim()
-            shape[self.pre_scale_axis] = -1
-            inputs = inputs / self.pre_scale.to(inputs.dtype).view(shape)
+        inputs = self.apply_pre_scale(inputs)
         if self.observer is not None:
             self.observer(inputs)
         if self.is_enabled and getattr(self, "_amax", None) is None and not self._if_calib:

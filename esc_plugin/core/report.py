@@ -27,6 +27,7 @@ class QuantReport:
     notes: List[str] = field(default_factory=list)
     ptq: List[dict] = field(default_factory=list)  # PTQ passes in the order they ran, with times
     selection: List[dict] = field(default_factory=list)  # guard: search vs held-back score per candidate
+    sensitivity: List[dict] = field(default_factory=list)  # fallback: objective gain with one op in float
 
     @property
     def quantized_ops(self):
@@ -63,10 +64,12 @@ class QuantReport:
         return "\n".join(lines)
 
     def plot(self, folder):
-        """Write ``convergence.png`` (ESC only) and ``amax.png``; returns the paths."""
-        from .plots import plot_amax, plot_convergence
+        """Write ``convergence.png`` (ESC), ``amax.png`` and ``sensitivity.png`` (fallback); returns the paths."""
+        from .plots import plot_amax, plot_convergence, plot_sensitivity
 
         paths = [plot_amax(self, folder)]
         if self.history:
             paths.append(plot_convergence(self, folder))
+        if self.sensitivity:
+            paths.append(plot_sensitivity(self, folder))
         return paths
