@@ -14,8 +14,8 @@ loop on the quantized copy and compares call by call:
 ``nn.Linear`` (a classification / vocabulary head), ``mse`` otherwise, and
 the report says which it chose.
 
-The calls of the loop are split into a search part and a held-back
-selection part (every k-th call), so the selection guard can compare the
+The samples (rows of the batch dimension) are split into a search part and
+a held-back selection part (every k-th sample), so the selection guard can compare the
 search's results on outputs the search never optimised; both parts come
 from the same forward pass, so the guard costs no extra evaluation.
 """
@@ -68,19 +68,30 @@ class OutputRecorder:
             h.remove()
 
 
+def _rows(x):
+    return x.reshape(1, -1) if x.dim() == 0 else x.reshape(x.shape[0], -1) if x.dim() == 1 else x
+
+
 def _kl(q, t):
-    if t.dim() == 0 or t.shape[-1] < 2:
+    """Per-row (first dimension) KL of softmax over the last dimension."""
+    if t.dim() < 2 or t.shape[-1] < 2:
         return _mse(q, t)
-    logp = F.log_softmax(t, dim=-1)
-    return float(F.kl_div(F.log_softmax(q, dim=-1), logp, log_target=True, reduction="none").sum(-1).mean())
+    kl = F.kl_div(F.log_softmax(q, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="none").sum(-1)
+    return kl.reshape(kl.shape[0], -1).mean(1) if kl.dim() > 1 else kl
 
 
 def _mse(q, t):
-    return float(((q - t) ** 2).mean() / ((t ** 2).mean() + _EPS))
+    """Per-row squared error, normalised by the target's mean square over the whole call."""
+    err = ((q - t) ** 2)
+    err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 1 else err.reshape(-1)
+    return err / ((t ** 2).mean() + _EPS)
 
 
 class DistillObjective:
     """``objective(model) -> float`` against recorded FP32 outputs; see the module docstring.
+
+    Distances are per row of the batch dimension, so the held-back part can be
+    every k-th *sample* even when the forward loop runs all of them in one call.
 
     Arguments
     ---------
@@ -91,7 +102,7 @@ class DistillObjective:
     kind : str
         ``kl`` or ``mse``.
     holdout : float
-        Fraction of calls held back for selection (0: none).
+        Fraction of rows (samples) held back for selection (0: none).
     """
 
     def __init__(self, forward_loop, targets, kind, holdout=0.0):
@@ -101,16 +112,18 @@ class DistillObjective:
                 "tensor (or a tuple/dict of tensors) for the forward loop's calls, or pass an objective "
                 "(a callable objective(model) -> float).")
         self.forward_loop, self.targets, self.kind = forward_loop, targets, kind
-        n = len(targets)
-        # at least one held-back call whenever there are two or more
+        rows = [(_rows(ts[0]).shape[0] if ts else 0) for ts in targets]
+        n = sum(rows)
+        # at least one held-back sample whenever there are two or more
         every = max(2, min(round(1 / holdout), n)) if holdout > 0 and n >= 2 else 0
-        self.selection_calls = [i for i in range(n) if every and i % every == every - 1]
-        self.search_calls = [i for i in range(n) if i not in set(self.selection_calls)]
+        index = torch.arange(n)
+        held = (index % every == every - 1) if every else torch.zeros(n, dtype=torch.bool)
+        self.held = list(torch.split(held, rows)) if n else []
         self.last_selection = None
 
     @property
     def splits(self):
-        return bool(self.selection_calls)
+        return any(bool(h.any()) for h in self.held)
 
     def __call__(self, model):
         recorder = OutputRecorder(model)
@@ -125,17 +138,20 @@ class DistillObjective:
                 "FP32 targets were recorded: the distillation objective needs a deterministic loop (same "
                 "batches, same order) — e.g. no shuffling dataloader.")
         distance = _kl if self.kind == "kl" else _mse
-        per_call = []
-        for got, want in zip(recorder.outputs, self.targets):
-            values = [distance(q.to(t.device), t) for q, t in zip(got, want)]
-            per_call.append(sum(values) / max(len(values), 1))
-        self.last_selection = _mean(per_call, self.selection_calls) if self.splits else None
-        return _mean(per_call, self.search_calls)
+        search, held = [], []
+        for got, want, mask in zip(recorder.outputs, self.targets, self.held):
+            per_row = sum(distance(q.to(t.device), t).cpu() for q, t in zip(got, want)) / max(len(want), 1)
+            if per_row.numel() != mask.numel():  # outputs without a batch dimension: the call is one row
+                per_row, mask = per_row.mean().reshape(1), mask[:1]
+            search.append(per_row[~mask])
+            held.append(per_row[mask])
+        self.last_selection = _mean(held) if self.splits else None
+        return _mean(search)
 
 
-def _mean(values, idx):
-    picked = [values[i] for i in idx]
-    out = sum(picked) / max(len(picked), 1)
+def _mean(parts):
+    values = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0)
+    out = float(values.mean()) if values.numel() else float("inf")
     return out if math.isfinite(out) else float("inf")
 
 

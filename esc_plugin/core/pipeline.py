@@ -155,7 +155,7 @@ def _choose_objective(ctx, spec):
         ctx.use_objective(search, select)
         report.notes.append(f"selection guard: the objective's split ({split:.0%} held back)")
     elif split and getattr(ctx.objective, "splits", False):
-        report.notes.append(f"selection guard: {split:.0%} of the forward loop's calls held back")
+        report.notes.append(f"selection guard: {split:.0%} of the calibration samples held back")
     elif split and spec.objective != "none" and ctx.has_objective:
         report.notes.append("selection guard off: the objective cannot be split (give it a split(fraction) "
                             "method, or pass no objective for the label-free distillation objective)")

@@ -1,0 +1,124 @@
+"""ESC variants against the baselines on a real task: objective, selection guard, PTQ passes.
+
+Rows (each at every ``--bits``):
+
+* the baselines (``max``, ``percentile``, ``entropy``, ``mse``) with the task objective;
+* ``esc_task``: the paper's ESC on the task's calibration objective;
+* ``esc_distill``: ESC with no objective (label-free distillation to the FP32
+  outputs) and the selection guard (20 % of the calibration samples held back);
+* ``esc_distill_noguard``: the same without the guard;
+* ``esc_distill_bc`` / ``esc_distill_sq_bc``: plus bias correction, plus SmoothQuant.
+
+Every row reports the test metric, the task's calibration objective of the
+chosen scales, time, and for guarded runs the search / held-back scores.
+``results.json`` / ``results.md`` (with the commit and command) are rewritten
+after every row.
+
+    python benchmarks/quality.py --task honk --out benchmarks/results/quality_honk
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import esc_plugin as esc
+from esc_plugin.core.io import write_bytes, write_json
+from esc_plugin.tasks import get_task
+
+BASELINES = ("max", "percentile", "entropy", "mse")
+# name -> (QuantConfig options, use the task objective?)
+VARIANTS = {
+    "esc_task": ({"method": "esc"}, True),
+    "esc_distill": ({"method": "esc"}, False),
+    "esc_distill_noguard": ({"method": "esc", "selection_split": None}, False),
+    "esc_distill_bc": ({"method": "esc", "ptq": ("bias_correction",)}, False),
+    "esc_distill_sq_bc": ({"method": "esc", "ptq": ("smoothquant", "bias_correction")}, False),
+}
+
+
+def provenance():
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": "python " + " ".join(sys.argv)}
+
+
+def row_config(name, bits, budget, seed):
+    if name in BASELINES:
+        return esc.QuantConfig(bits=bits, method=name, seed=seed), True
+    options, task_objective = VARIANTS[name]
+    return esc.QuantConfig(bits=bits, budget=budget, seed=seed, **options), task_objective
+
+
+def run_row(task, name, bits, budget, seed, progress):
+    config, task_objective = row_config(name, bits, budget, seed)
+    t = time.perf_counter()
+    q = esc.quantize(task.model, config, task.forward_loop, task.objective if task_objective else None,
+                     progress=progress)
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        metrics = task.evaluate(q)
+        calib = float(task.objective(q))
+    r = q.esc_report
+    return {"config": f"W{bits}A{bits}", "variant": name, "metrics": metrics, "calib_objective": calib,
+            "seconds": seconds, "n_evaluations": r.timings.get("n_evaluations"),
+            "selection": r.selection, "ptq": r.ptq, "notes": r.notes}
+
+
+def markdown(task, fp32, rows):
+    arrow = "↑" if task.higher_is_better else "↓"
+    lines = [f"| config | variant | {task.metric} {arrow} | calib. objective ↓ | held-back chosen | "
+             "evaluations | time (s) |", "|---|---|---|---|---|---|---|",
+             f"| FP32 | - | {fp32['metrics'][task.metric]:.2f} | {fp32['calib_objective']:.4g} | - | - | - |"]
+    for r in rows:
+        chosen = next((s for s in r["selection"] if r["notes"] and any(f"chose the {s['name']}" in n
+                                                                      for n in r["notes"])), None)
+        held = f"{chosen['name']} ({chosen['selection']:.4g})" if chosen else "-"
+        lines.append(f"| {r['config']} | {r['variant']} | {r['metrics'][task.metric]:.2f} | "
+                     f"{r['calib_objective']:.4g} | {held} | {r['n_evaluations']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="honk")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
+    p.add_argument("--rows", nargs="+", default=list(BASELINES) + list(VARIANTS),
+                   choices=list(BASELINES) + list(VARIANTS))
+    p.add_argument("--budget", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)  # fail on an unwritable --out before any work
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    with torch.no_grad():
+        fp32 = {"metrics": task.evaluate(task.model), "calib_objective": float(task.objective(task.model))}
+    rows = []
+    for bits in args.bits:
+        for name in args.rows:
+            rows.append(run_row(task, name, bits, args.budget, args.seed, args.progress))
+            r = rows[-1]
+            print(f"{task.name} {r['config']} {name:22s} {task.metric}={r['metrics'][task.metric]:.2f} "
+                  f"calib={r['calib_objective']:.4g} ({r['seconds']:.0f} s)", flush=True)
+            result = {"task": task.name, "metric": task.metric, "info": task.info, "fp32": fp32, "rows": rows,
+                      "provenance": provenance()}
+            write_json(os.path.join(args.out, "results.json"), result)
+            md = (f"### {task.name}: ESC variants\n\n{markdown(task, fp32, rows)}\n\n"
+                  f"Command: `{result['provenance']['command']}` at commit {result['provenance']['commit']}"
+                  f"{' (uncommitted changes)' if result['provenance']['dirty'] else ''}\n")
+            write_bytes(os.path.join(args.out, "results.md"), md.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
