@@ -20,10 +20,10 @@ esc_plugin.nemo.errors.ManifestError: ... holds 1 utterance(s) but 2 are needed 
 """
 import json
 import os
-import random
 from pathlib import Path
 
 from ..core.io import write_bytes
+from ..datasets.speech_commands import speaker_of, speaker_split
 from .errors import ManifestError
 
 REQUIRED_KEYS = ("audio_filepath", "duration", "text")
@@ -97,19 +97,17 @@ def write_manifest(path, rows):
     return path
 
 
-def speaker_of(path):
-    """Speech Commands speaker id: the file name's prefix before ``_nohash_``."""
-    name = Path(path).name
-    return name.split("_nohash_")[0] if "_nohash_" in name else name
-
-
 def split_by_speaker(clips, n_calibration, test_fraction, seed):
     """Speaker-disjoint (train, calibration, test) split of ``clips`` (paths).
 
-    Speakers are shuffled with ``seed``. Calibration takes whole speakers, in that
-    order, skipping any that would overshoot, until it holds exactly
-    ``n_calibration`` clips; test then takes the next speakers until it holds at
-    least ``test_fraction`` of all clips; every other speaker is for training.
+    :func:`esc_plugin.datasets.speech_commands.speaker_split` (speaker id:
+    :func:`~esc_plugin.datasets.speech_commands.speaker_of`, the hex id before
+    ``_nohash_`` without the word prefix of ``_unknown_`` clips). Speakers are
+    shuffled with ``seed``. Calibration takes whole speakers, in that order,
+    skipping any that would overshoot, until it holds exactly
+    ``n_calibration`` clips; test then takes the next speakers until it holds
+    at least ``test_fraction`` of all clips; every other speaker is for
+    training. Each split is sorted.
 
     Example
     -------
@@ -120,31 +118,11 @@ def split_by_speaker(clips, n_calibration, test_fraction, seed):
     >>> {speaker_of(c) for c in calib} & {speaker_of(c) for c in train + test}
     set()
     """
-    by_speaker = {}
-    for clip in clips:
-        by_speaker.setdefault(speaker_of(clip), []).append(clip)
-    speakers = sorted(by_speaker)
-    random.Random(seed).shuffle(speakers)
-    calibration, rest, n_calib = [], [], 0
-    for s in speakers:
-        size = len(by_speaker[s])
-        if n_calib + size <= n_calibration:
-            calibration.append(s)
-            n_calib += size
-        else:
-            rest.append(s)
-    if n_calib != n_calibration:
-        raise ManifestError(f"could not collect exactly {n_calibration} calibration clips from whole "
-                            f"speakers (got {n_calib}); choose another seed or n_calibration.")
-    test, train = [], []
-    target = test_fraction * len(clips)
-    for s in rest:
-        if sum(len(by_speaker[t]) for t in test) < target:
-            test.append(s)
-        else:
-            train.append(s)
-    take = lambda group: sorted(c for s in group for c in by_speaker[s])  # noqa: E731
-    return take(train), take(calibration), take(test)
+    try:
+        split = speaker_split(clips, n_calibration, test_fraction, seed)
+    except ValueError as exc:
+        raise ManifestError(f"{exc} (n_calibration={n_calibration}, seed={seed}).") from exc
+    return sorted(split["train"]), sorted(split["calib"]), sorted(split["test"])
 
 
 def speech_commands_manifests(data_dir, out_dir, n_calibration=100, test_fraction=0.2, seed=0,

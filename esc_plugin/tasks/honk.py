@@ -7,22 +7,18 @@ mel power spectrogram (n_fft 480, hop 160, 40 Slaney mel bands over
 window), natural log of the positive entries, orthonormal DCT-II over the
 40 bands.
 
-Data split: by speaker (the id before ``_nohash_``; clips without it,
-e.g. the ``_silence_`` clips, are each their own speaker). Speakers are
-shuffled with ``seed`` and taken in that order (skipping any speaker that
-would overshoot) until exactly ``n_calib`` calibration clips are collected;
-every clip of every other speaker is an evaluation clip. Features are
-computed once, at build time.
+Data split: by speaker (:mod:`esc_plugin.datasets.speech_commands`: the hex
+id before ``_nohash_``, without the word prefix of ``_unknown_`` clips; clips
+without it, e.g. the ``_silence_`` clips, are each their own speaker).
+Speakers are shuffled with ``seed`` and taken in that order (skipping any
+speaker that would overshoot) until exactly ``n_calib`` calibration clips are
+collected; every clip of every other speaker is an evaluation clip. Features
+are computed once, at build time, so an ``objective`` call only runs the
+model. ``python -m esc_plugin.tasks.honk`` prints the FP32 accuracy and the
+time of one objective call for both variants.
 
-Measured FP32 (seed 0; ``python -m esc_plugin.tasks.honk``):
-  * res8-narrow: 86.5 % on the 1,486 evaluation clips, 86.8 % on the whole
-    1,586-clip folder (README: 86.8 %); calibration objective 0.100.
-  * res8 (scales folded, see :func:`load_res8`): 90.6 % eval, 90.7 % whole.
 The MFCCs match librosa's ``melspectrogram(..., pad_mode="reflect")`` + DCT
-(honk's pipeline) to < 1e-4 absolute.
-Time per ``objective`` call on the 2-core CPU (100 clips, features cached):
-res8-narrow about 0.2 s (0.55 s while other processes load the CPU), res8
-about 0.6 s (1.2 s loaded).
+(honk's pipeline) up to small float differences.
 """
 import random
 from collections import OrderedDict
@@ -34,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.functional as AF
 
+from esc_plugin.datasets.speech_commands import speaker_of
+from esc_plugin.datasets.speech_commands import speaker_split as _speaker_split
 from esc_plugin.tasks.audio import load_audio, pad_or_trim, require_path, resolve_shared_root
 from esc_plugin.tasks.base import Task
 
@@ -88,10 +86,9 @@ def load_res8(path, n_maps: int, n_labels: int = 12, fold_scales: bool = True) -
     residual path). They are not module parameters of :class:`Res8`; with
     ``fold_scales=True`` (default) each one is folded exactly into the input
     channels of the following conv (``conv2``/``conv4``/``conv6``), so the
-    module keeps the plain res8 architecture and key names. Measured on the
-    whole shared Speech Commands folder: res8 90.7 % with the scales folded,
-    77.1 % if they are dropped (``fold_scales=False``). Any other missing or
-    unexpected key raises.
+    module keeps the plain res8 architecture and key names; dropping them
+    (``fold_scales=False``) costs res8 much of its accuracy. Any other
+    missing or unexpected key raises.
     """
     model = Res8(n_maps=n_maps, n_labels=n_labels)
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -155,15 +152,6 @@ def compute_mfcc(wav: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------- data
-def speaker_of(path: Path) -> str:
-    """Speaker id: the hex id before ``_nohash_`` (``_unknown_`` clips are named
-    ``<word>_<speaker>_nohash_<n>``: the word is not part of it); else the file itself."""
-    name = path.name
-    if "_nohash_" in name:
-        return name.split("_nohash_")[0].split("_")[-1]
-    return f"{path.parent.name}/{name}"
-
-
 def list_clips(data_dir: Path) -> List[Tuple[Path, int]]:
     clips = []
     for idx, label in enumerate(LABELS):
@@ -173,24 +161,14 @@ def list_clips(data_dir: Path) -> List[Tuple[Path, int]]:
 
 
 def speaker_split(clips, n_calib: int, seed: int):
-    """Deterministic speaker-disjoint split -> (calib_clips, eval_clips)."""
-    by_spk: Dict[str, list] = {}
-    for c in clips:
-        by_spk.setdefault(speaker_of(c[0]), []).append(c)
-    speakers = sorted(by_spk)
-    random.Random(seed).shuffle(speakers)
-    calib_spk, n = set(), 0
-    for s in speakers:
-        if n == n_calib:
-            break
-        if n + len(by_spk[s]) <= n_calib:
-            calib_spk.add(s)
-            n += len(by_spk[s])
-    if n != n_calib:
-        raise ValueError(f"could not collect exactly {n_calib} calibration clips (got {n})")
-    calib = [c for c in clips if speaker_of(c[0]) in calib_spk]
-    evalc = [c for c in clips if speaker_of(c[0]) not in calib_spk]
-    return calib, evalc, calib_spk
+    """Deterministic speaker-disjoint split -> (calib_clips, eval_clips, calib_speakers).
+
+    :func:`esc_plugin.datasets.speech_commands.speaker_split` with every
+    non-calibration speaker in the evaluation set; both keep ``clips``' order.
+    """
+    split = _speaker_split(clips, n_calib, test_fraction=1.0, seed=seed)
+    calib, evalc = split["calib"], split["test"]
+    return calib, evalc, {speaker_of(p) for p, _ in calib}
 
 
 def _features(clips, batch: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,8 @@ The ASR recipe reads only the ten word classes (``labels=WORDS``): an empty
 reference has no word error rate, and the few ``_unknown_`` clips (4 other
 words, 47 clips here) are too few to learn their words from.
 
-Split: the speaker id is the hash right before ``_nohash_`` (``_unknown_``
+Split (:mod:`esc_plugin.datasets.speech_commands`, shared with the honk task
+and the NeMo manifests): the speaker id is the hash right before ``_nohash_`` (``_unknown_``
 clips carry a ``<word>_`` prefix before it, which is dropped); a clip without
 ``_nohash_`` (the ``_silence_`` clips) is its own speaker. Speakers are
 shuffled with ``seed``; calibration speakers are taken in that order
@@ -48,6 +49,8 @@ from collections import Counter
 import soundfile as sf
 
 from esc_plugin.core.io import write_json
+from esc_plugin.datasets.speech_commands import speaker_of
+from esc_plugin.datasets.speech_commands import speaker_split as _speaker_split
 
 logger = logging.getLogger(__name__)
 
@@ -160,27 +163,6 @@ def list_clips(data_folder, labels):
     return clips
 
 
-def speaker_of(path):
-    """Speaker id: the hash before ``_nohash_``; else ``<label>/<file name>``.
-
-    ``_unknown_`` clips are named ``<word>_<speaker>_nohash_<n>``, so the
-    word prefix is dropped: the speaker is the part right before ``_nohash_``.
-
-    Example
-    -------
-    >>> speaker_of("data/yes/022cd682_nohash_0.flac")
-    '022cd682'
-    >>> speaker_of("data/_unknown_/tree_7add4c5f_nohash_0.wav.flac")
-    '7add4c5f'
-    >>> speaker_of("data/_silence_/1024.flac")
-    '_silence_/1024.flac'
-    """
-    name = os.path.basename(path)
-    if "_nohash_" in name:
-        return name.split("_nohash_")[0].split("_")[-1]
-    return f"{os.path.basename(os.path.dirname(path))}/{name}"
-
-
 def spoken_word_of(path, label):
     """The transcript of a clip: the label for a word class, ``""`` for
     ``_silence_``, the file name's word prefix for ``_unknown_`` clips named
@@ -204,40 +186,15 @@ def spoken_word_of(path, label):
 def speaker_split(clips, n_calib, test_fraction, seed):
     """Split ``[(path, label)]`` by speaker into ``{"train", "calib", "test"}``.
 
-    Raises a ValueError when exactly ``n_calib`` calibration clips cannot be
-    collected from whole speakers, or when a split would be empty.
+    :func:`esc_plugin.datasets.speech_commands.speaker_split`, each split's
+    clips grouped by speaker in the seeded speaker order. Raises a ValueError
+    when exactly ``n_calib`` calibration clips cannot be collected from whole
+    speakers, or when a split would be empty.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    by_speaker = {}
-    for clip in clips:
-        by_speaker.setdefault(speaker_of(clip[0]), []).append(clip)
-    speakers = sorted(by_speaker)
-    random.Random(seed).shuffle(speakers)
-
-    calib, n = set(), 0
-    for spk in speakers:
-        if n == n_calib:
-            break
-        if n + len(by_speaker[spk]) <= n_calib:
-            calib.add(spk)
-            n += len(by_speaker[spk])
-    if n != n_calib:
-        raise ValueError(
-            f"could not collect exactly {n_calib} calibration clips from whole speakers (got {n} of "
-            f"{len(clips)} clips): lower n_calib or add data"
-        )
-    test, n_test, n_min_test = set(), 0, test_fraction * len(clips)
-    for spk in speakers:
-        if n_test >= n_min_test:
-            break
-        if spk not in calib:
-            test.add(spk)
-            n_test += len(by_speaker[spk])
-    splits = {"train": [], "calib": [], "test": []}
-    for spk in speakers:
-        split = "calib" if spk in calib else "test" if spk in test else "train"
-        splits[split] += by_speaker[spk]
+    split = _speaker_split(clips, n_calib, test_fraction, seed, group_by_speaker=True)
+    splits = {name: split[name] for name in SPLITS}
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         raise ValueError(f"split(s) {empty} would be empty with {len(clips)} clips: lower n_calib / test_fraction")

@@ -35,6 +35,8 @@ import random
 
 import soundfile as sf
 
+from esc_plugin.datasets.speech_commands import speaker_of
+
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -181,7 +183,7 @@ def prepare_voicebank(
         "train": {"items": len(train), "speakers": train_spk + (["LJSpeech"] if lj_clips else []),
                   "librispeech_utterances": sum(len(speakers[s]) for s in train_spk),
                   "ljspeech_clips": len(lj_clips), "speech_commands_clips": len(sc_clips),
-                  "speech_commands_speakers": len({os.path.basename(p).split("_nohash_")[0] for p in sc_clips}),
+                  "speech_commands_speakers": len({speaker_of(p) for p in sc_clips}),
                   "seconds": round(sum(e["duration"] for e in train.values()), 1)},
         "calib": {"items": len(calib), "speakers": calib_spk, "utterances": len(calib_utts),
                   "seconds": round(sum(e["duration"] for e in calib.values()), 1)},

@@ -2,9 +2,12 @@
 ECAPA-TDNN speaker embedding).
 
 Speech Commands has many speakers with a few 1-s words each; the speaker is the
-file-name prefix before ``_nohash_`` (``<label>/<speaker>_nohash_<n>.wav`` in
-the distributed dataset, ``.flac`` in ``shared/data/speech_commands``). Clips
-without a speaker (``_background_noise_``, ``_silence_``) are skipped.
+hex id right before ``_nohash_`` (``<label>/<speaker>_nohash_<n>.wav`` in the
+distributed dataset, ``.flac`` in ``shared/data/speech_commands``; the word
+prefix of ``_unknown_/<word>_<speaker>_nohash_<n>`` clips is not part of it:
+:func:`esc_plugin.datasets.speech_commands.speaker_of`). Clips without a
+speaker (``_background_noise_``, ``_silence_``, any name without
+``_nohash_``) are skipped.
 
 Speakers with at least ``min_clips_per_speaker`` clips are kept (the classes of
 the AAM-softmax loss). Of each speaker's clips (sorted by path), every
@@ -27,6 +30,7 @@ from pathlib import Path
 import soundfile as sf
 
 from esc_plugin.core.io import write_json
+from esc_plugin.datasets.speech_commands import has_speaker_id, speaker_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,9 @@ def prepare_speech_commands_speakers(
         valid_every=valid_every,
         max_speakers=max_speakers,
         max_clips_per_speaker=max_clips_per_speaker,
+        # Manifests prepared before the speaker id dropped the word prefix of
+        # _unknown_ clips (esc_plugin.datasets.speech_commands) are not reused.
+        speaker_id="hex id before _nohash_",
     )
     save_folder = Path(save_folder)
     train_json, valid_json, options_json = (save_folder / n for n in (TRAIN_JSON, VALID_JSON, OPTIONS_JSON))
@@ -124,18 +131,6 @@ def prepare_speech_commands_speakers(
     return counts
 
 
-def speaker_of(path):
-    """Speech Commands speaker id (prefix before ``_nohash_``), or None.
-
-    Example
-    -------
-    >>> speaker_of("yes/0a7c2a8d_nohash_0.wav"), speaker_of("_silence_/1024.flac")
-    ('0a7c2a8d', None)
-    """
-    name = Path(path).name
-    return name.split("_nohash_")[0] if "_nohash_" in name else None
-
-
 def _clips_by_speaker(data_folder):
     if not data_folder.is_dir():
         raise FileNotFoundError(
@@ -146,7 +141,6 @@ def _clips_by_speaker(data_folder):
     for path in sorted(data_folder.glob("*/*")):
         if path.suffix not in (".wav", ".flac") or path.parent.name in NO_SPEAKER_FOLDERS:
             continue
-        spk = speaker_of(path)
-        if spk is not None:
-            clips.setdefault(spk, []).append(path)
+        if has_speaker_id(path):
+            clips.setdefault(speaker_of(path), []).append(path)
     return clips
