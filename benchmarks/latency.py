@@ -67,7 +67,12 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # ------------------------------------------------------------------ helpers
 
 def write_atomic(path, text):
-    """Write ``text`` to ``path`` through a temp file + ``os.replace`` (no esc_plugin needed here)."""
+    """Write ``text`` to ``path`` through a temp file + ``os.replace``.
+
+    The same as ``esc_plugin.core.io.write_bytes``, kept here because the
+    measure phase runs without torch (``--measure ... --no-torch``: onnxruntime
+    and numpy only) and ``esc_plugin.core.io`` imports torch when imported.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)

@@ -26,6 +26,7 @@ import speechbrain as sb
 from speechbrain.dataio.dataio import read_audio
 from speechbrain.utils.metric_stats import MetricStats
 
+from esc_plugin.core.io import write_json
 from esc_plugin.metrics.enhancement import pesq_score, stoi_score
 
 logger = logging.getLogger(__name__)
@@ -257,8 +258,5 @@ def noisy_baseline(datasets, path):
                         "items": len(pesq_stats.ids)}
         result[name].update(per_source_means(pesq_stats, "pesq"))
         result[name].update(per_source_means(stoi_stats, "stoi"))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)  # atomic: an interrupted run leaves no half file
+    write_json(path, result)  # atomic: an interrupted run leaves no half file
     return result

@@ -35,6 +35,7 @@ import random
 
 import soundfile as sf
 
+from esc_plugin.core.io import write_json
 from esc_plugin.datasets.speech_commands import speaker_of
 
 logger = logging.getLogger(__name__)
@@ -197,22 +198,14 @@ def prepare_voicebank(
     os.makedirs(save_folder, exist_ok=True)
     for name, data in (("train.json", train), ("noise_train.json", noise_train), ("calib.json", calib),
                        ("test.json", test), ("splits.json", splits)):
-        _write_json(os.path.join(save_folder, name), data)
-    _write_json(os.path.join(save_folder, OPTIONS_FILE), options)  # last: marks the manifests complete
+        write_json(os.path.join(save_folder, name), data)  # atomic: never a half manifest
+    write_json(os.path.join(save_folder, OPTIONS_FILE), options)  # last: marks the manifests complete
     logger.info("Prepared %d train windows, %d calibration and %d test items in %s",
                 len(train), len(calib), len(test), save_folder)
     return splits
 
 
 # ------------------------------------------------------------------ helpers
-
-def _write_json(path, obj):
-    """Atomic JSON write: an interrupted preparation never leaves a half manifest."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
 
 def _already_prepared(save_folder, options):
     path = os.path.join(save_folder, OPTIONS_FILE)
