@@ -61,7 +61,8 @@ def read_manifest(path, min_rows=None, check_audio=True):
         raise ManifestError(
             f"manifest '{path}' not found: pass the path of a NeMo JSON-lines manifest (one "
             '{"audio_filepath": ..., "duration": ..., "text": ...} per line); '
-            "recipes/NeMo/asr/prepare_speech_commands.py writes them for Speech Commands."
+            "for Speech Commands, esc_plugin.nemo.speech_commands_manifests writes them (run by "
+            "recipes/NeMo/asr/train_conformer_ctc.py into data.manifest_dir)."
         )
     rows = []
     with open(path, encoding="utf-8") as f:
