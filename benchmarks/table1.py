@@ -1,4 +1,10 @@
-"""Paper Table 1 on real models: FP32 vs W8A8 / W4A4 x {max, percentile, entropy, mse, esc}.
+"""Paper Table 1 on real models: FP32 vs W8A8 / W4A4 x every calibrator and preset.
+
+``--methods`` takes preset names (:func:`esc_plugin.core.presets.preset_names`:
+the registered calibrators and named variants such as ``esc_initbest``, ESC
+started from the best of its init and the baselines' scales); the default is
+all of them. The old spelling ``esc+best`` is accepted as a deprecated alias
+of ``esc_initbest``.
 
 Calibration uses the task's calibration split (100 clips for honk; for
 Whisper 9 of the 18 transcribed clips by default, or with
@@ -20,9 +26,11 @@ import time
 
 import torch
 
-import esc_plugin as esc
 from esc_plugin.core.io import atomic_path
-from esc_plugin.runner import markdown_table, run_table
+from esc_plugin.core.presets import preset_names
+from esc_plugin.cli import check_writable_folder
+from esc_plugin.core.errors import ConfigError
+from esc_plugin.runner import markdown_table, run_table, table_configs
 from esc_plugin.tasks import get_task
 
 
@@ -32,6 +40,24 @@ def archive_folder(folder, path):
     with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(folder, arcname=os.path.basename(os.path.normpath(folder)))
+
+
+DEPRECATED = {"esc+best": "esc_initbest"}
+
+
+def resolve_methods(methods):
+    """Preset names, with deprecated spellings mapped (and a printed note), duplicates dropped."""
+    names, resolved = preset_names(), []
+    for m in methods:
+        if m in DEPRECATED:
+            print(f"note: --methods {m} is deprecated; it is {DEPRECATED[m]} (rows and folders use that name)",
+                  flush=True)
+            m = DEPRECATED[m]
+        if m not in names:
+            raise SystemExit(f"--methods: {m!r} is unknown; choose from {', '.join(names)}")
+        if m not in resolved:
+            resolved.append(m)
+    return resolved
 
 
 def task_kwargs(args):
@@ -58,8 +84,8 @@ def main(argv=None):
     p.add_argument("--task", required=True, help="honk | whisper | demo | package.module:function")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
-    p.add_argument("--methods", nargs="+", default=list(esc.METHODS) + ["esc+best"],
-                   help="calibrators; 'esc+best' = ESC with QuantConfig(init='best')")
+    p.add_argument("--methods", nargs="+", default=list(preset_names()),
+                   help=f"calibrators / presets: {', '.join(preset_names())} (default: all)")
     p.add_argument("--budget", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -75,6 +101,13 @@ def main(argv=None):
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra builder argument, e.g. --task-arg variant=res8")
     args = p.parse_args(argv)
+    command = sys.argv if argv is None else ["benchmarks/table1.py", *argv]
+    methods = resolve_methods(args.methods)
+    try:
+        table_configs(args.bits, methods, budget=args.budget, seed=args.seed)  # every config, before any work
+        check_writable_folder(args.out)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
     torch.set_num_threads(args.threads)
     kwargs = task_kwargs(args)
     t_start = time.time()
@@ -86,8 +119,8 @@ def main(argv=None):
         if args.archive:
             archive_folder(args.out, args.archive)
 
-    rows = run_table(task, args.bits, args.methods, args.out, progress=args.progress, on_row=on_row,
-                     keep_going=args.keep_going, budget=args.budget, seed=args.seed)
+    rows = run_table(task, args.bits, methods, args.out, progress=args.progress, on_row=on_row,
+                     keep_going=args.keep_going, command=command, budget=args.budget, seed=args.seed)
     print(markdown_table(task, rows))
     return 0
 

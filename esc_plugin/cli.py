@@ -4,13 +4,38 @@ Examples
 --------
     esc-quantize demo --out runs/demo                      # built-in default, no data needed
     esc-quantize run --task honk --bits 4 --method esc --out runs/honk-w4a4
+    esc-quantize run --task honk --bits 4 --method esc_initbest --out runs/honk-w4a4-initbest
     esc-quantize run --task mypkg.tasks:build --bits 8 --out runs/mine
+
+Every option is checked before any work: the quantization config is built
+first, then ``--out`` (and ``--checkpoint``'s folder) must be creatable and
+writable, and only then is the task (model, data) built.
 """
 import argparse
+import dataclasses
+import importlib
+import inspect
 import os
 import sys
+import tempfile
 
-from esc_plugin.core.config import METHODS
+from esc_plugin.core.errors import ConfigError
+from esc_plugin.core.presets import config_for, preset_names
+from esc_plugin.core.registry import calibrator_names, get_calibrator
+
+
+def _methods_help():
+    lines = [f"  {name:14s}{get_calibrator(name).summary} (objective: {get_calibrator(name).objective})"
+             for name in calibrator_names()]
+    lines += [f"  {name:14s}{config_for(name).method} with options {_preset_options(name)}"
+              for name in preset_names() if name not in calibrator_names()]
+    return "calibrators (--method / --methods):\n" + "\n".join(lines)
+
+
+def _preset_options(name):
+    from esc_plugin.core.presets import preset_options
+
+    return {k: v for k, v in preset_options(name).items() if k != "method"}
 
 
 def _common(p):
@@ -23,61 +48,153 @@ def _common(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="esc-quantize", description=__doc__,
+    names = list(preset_names())
+    parser = argparse.ArgumentParser(prog="esc-quantize", description=__doc__, epilog=_methods_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small keyword model on synthesised audio, quantize it "
-                                       "with every calibrator at W8A8 and W4A4, print the table")
+                                       "with every calibrator at W8A8 and W4A4, print the table",
+                          epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(demo)
-    demo.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    demo.add_argument("--methods", nargs="+", default=list(calibrator_names()), choices=names,
+                      help="calibrators / presets (default: every calibrator)")
     demo.add_argument("--bits", nargs="+", type=int, default=[8, 4], choices=[4, 8])
 
-    run = sub.add_parser("run", help="quantize one task with one configuration")
+    run = sub.add_parser("run", help="quantize one task with one configuration",
+                         epilog=_methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
     run.add_argument("--task", required=True, help="demo | honk | whisper | package.module:function")
-    run.add_argument("--method", default="esc", choices=METHODS)
+    run.add_argument("--method", default="esc", choices=names, help="calibrator or preset (default esc)")
     run.add_argument("--bits", type=int, default=8, choices=[4, 8])
     run.add_argument("--weight-bits", type=int, default=None, choices=[4, 8])
     run.add_argument("--act-bits", type=int, default=None, choices=[4, 8])
-    run.add_argument("--n-samples", type=int, default=100, help="calibration samples (default 100)")
+    run.add_argument("--n-samples", type=int, default=None,
+                     help="calibration samples, for tasks whose builder takes n_calib (demo, honk, whisper); "
+                          "default: the task's own calibration set")
     run.add_argument("--shared", default=None, help="folder with real data/models (default $ESC_SHARED or ../shared)")
     run.add_argument("--checkpoint", default=None, help="ESC: CMA-ES state file; rerun to resume")
     return parser
 
 
+def check_writable_folder(path, what="--out"):
+    """Create ``path`` if needed and check a file can be written in it; a
+    :class:`ConfigError` naming the path otherwise (before any work is done)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".esc-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path!r} is not a writable folder ({e.strerror or e}): "
+                          "choose another path.") from None
+
+
+def task_builder(name):
+    """The builder function of a task name (``demo``, ``honk``, ``whisper`` or
+    ``package.module:function``), without calling it."""
+    from esc_plugin.tasks import BUILDERS
+
+    if name in BUILDERS:
+        module, func = BUILDERS[name]
+    elif ":" in name:
+        module, func = name.split(":", 1)
+    else:
+        raise ConfigError(f"--task {name!r} is unknown: use one of {', '.join(sorted(BUILDERS))} "
+                          "or 'package.module:function'.")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--task {name!r}: cannot load {module}:{func} ({type(e).__name__}: {e}).") from None
+
+
+def _takes(builder, parameter):
+    try:
+        return parameter in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _task_kwargs(args, builder):
+    kwargs = {}
+    for value, option, parameter in ((args.n_samples, "--n-samples", "n_calib"),
+                                     (args.shared, "--shared", "shared_root")):
+        if value is None:
+            continue
+        if not _takes(builder, parameter):
+            what = "has its own calibration set" if parameter == "n_calib" else "reads no shared data folder"
+            raise ConfigError(f"{option}: task {args.task!r} {what} (its builder takes no {parameter} "
+                              f"argument); drop {option}.")
+        kwargs[parameter] = value
+    return kwargs
+
+
+def _with_task_calibration(cfg, task, given):
+    """Record the number of calibration samples the task really uses."""
+    n = task.info.get("n_calib") if isinstance(task.info, dict) else None
+    if given:
+        return cfg
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        print(f"Calibration: the task's own calibration set ({n} samples).", flush=True)
+        return dataclasses.replace(cfg, n_samples=n)
+    print("Calibration: the task's own calibration set (size not reported by the task; "
+          f"the config's n_samples={cfg.n_samples} is not used).", flush=True)
+    return cfg
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = sys.argv if argv is None else ["esc-quantize", *argv]
+    search = dict(budget=args.budget, sigma0=args.sigma0, popsize=args.popsize, seed=args.seed)
+    try:
+        if args.command == "demo":
+            from esc_plugin.runner import table_configs
+
+            table_configs(args.bits, args.methods, **search)  # every config, before any work
+            out = args.out or os.path.join("runs", "demo")
+            check_writable_folder(out)
+        else:
+            options = dict(bits=args.bits, weight_bits=args.weight_bits, act_bits=args.act_bits,
+                           checkpoint=args.checkpoint, **search)
+            if args.n_samples is not None:
+                options["n_samples"] = args.n_samples
+            cfg = config_for(args.method, **options)
+            builder = task_builder(args.task)
+            kwargs = _task_kwargs(args, builder)
+            if args.out:
+                check_writable_folder(args.out)
+            if args.checkpoint:
+                check_writable_folder(os.path.dirname(os.path.abspath(args.checkpoint)), "--checkpoint's folder")
+    except ConfigError as e:
+        parser.error(str(e))
+
     import torch
 
-    import esc_plugin as esc
+    from esc_plugin.core.presets import label_of
     from esc_plugin.runner import markdown_table, quantize_task, run_table
     from esc_plugin.tasks import get_task
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    search = dict(budget=args.budget, sigma0=args.sigma0, popsize=args.popsize, seed=args.seed)
     progress = not args.no_progress
     if args.command == "demo":
         print("Building the demo task (synthesised keywords, small Conv+attention model)...", flush=True)
         task = get_task("demo", seed=args.seed)
-        out = args.out or os.path.join("runs", "demo")
-        rows = run_table(task, args.bits, args.methods, out, progress=progress, **search)
+        n = task.info.get("n_calib")
+        rows = run_table(task, args.bits, args.methods, out, progress=progress, command=command,
+                         **search, **({"n_samples": n} if isinstance(n, int) and n >= 1 else {}))
         print("\n" + markdown_table(task, rows))
         print(f"\nReports, plots and quantized states under {out}/")
         return 0
 
-    kwargs = {"n_calib": args.n_samples} if args.task in ("demo", "honk") else {}
-    if args.shared and args.task in ("honk", "whisper"):
-        kwargs["shared_root"] = args.shared
     task = get_task(args.task, **kwargs)
-    cfg = esc.QuantConfig(bits=args.bits, method=args.method, weight_bits=args.weight_bits,
-                          act_bits=args.act_bits, n_samples=args.n_samples, checkpoint=args.checkpoint, **search)
+    cfg = _with_task_calibration(cfg, task, given=args.n_samples is not None)
     with torch.no_grad():
         fp32 = task.evaluate(task.model)
-    qmodel, metrics, seconds = quantize_task(task, cfg, args.out, progress)
+    qmodel, metrics, seconds = quantize_task(task, cfg, args.out, progress, command=command)
     print(qmodel.esc_report.summary())
     print(f"{task.name}: FP32 {task.metric}={fp32[task.metric]:.3f}  "
-          f"W{cfg.weight_bits}A{cfg.act_bits} {cfg.method} {task.metric}={metrics[task.metric]:.3f}  ({seconds:.1f} s)")
+          f"W{cfg.weight_bits}A{cfg.act_bits} {label_of(cfg)} {task.metric}={metrics[task.metric]:.3f}  "
+          f"({seconds:.1f} s)")
     if args.out:
         print(f"outputs in {args.out}/")
     return 0

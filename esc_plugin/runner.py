@@ -2,20 +2,54 @@
 
 Used by the ``esc-quantize`` CLI and by ``benchmarks/``. Every run writes its
 report JSON, plots and quantization state under its own folder; the results
-table is written as JSON and markdown, atomically.
+table is written as JSON and markdown, atomically, with the commit and the
+command that produced it (:func:`provenance`).
+
+Configurations are named by preset (:func:`esc_plugin.core.presets.preset_names`):
+a calibrator name (``max``, ``esc``...) or a named variant (``esc_initbest``).
+Rows and run folders carry :func:`~esc_plugin.core.presets.label_of` the config,
+so a variant has one name in tables, folders and command lines.
 """
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
 
 import esc_plugin as esc
 from esc_plugin.core.io import write_bytes, write_json
+from esc_plugin.core.presets import config_for, label_of
+from esc_plugin.core.registry import calibrator_names
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quantize_task(task, config, out_dir=None, progress=True):
-    """Quantize ``task.model`` with ``config``; evaluate; write outputs to ``out_dir``."""
+def provenance(command=None):
+    """``{"commit", "dirty", "command"}`` for a results file.
+
+    ``commit`` is ``git rev-parse HEAD`` of the checkout holding esc_plugin
+    (None outside a git checkout), ``dirty`` whether tracked files differ from
+    it (None when unknown), ``command`` the argument list (default
+    ``sys.argv``).
+    """
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", _REPO, *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status),
+            "command": list(sys.argv if command is None else command)}
+
+
+def quantize_task(task, config, out_dir=None, progress=True, command=None, prov=None):
+    """Quantize ``task.model`` with ``config``; evaluate; write outputs to ``out_dir``
+    (``metrics.json`` records ``prov``, default :func:`provenance` of ``command``)."""
     t0 = time.perf_counter()
     qmodel = esc.quantize(task.model, config, task.forward_loop, task.objective, progress=progress)
     seconds = time.perf_counter() - t0
@@ -27,65 +61,101 @@ def quantize_task(task, config, out_dir=None, progress=True):
         report.save_json(os.path.join(out_dir, "report.json"))
         report.plot(out_dir)
         esc.save(qmodel, os.path.join(out_dir, "quantized.pt"))
-        write_json(os.path.join(out_dir, "metrics.json"), {"metrics": metrics, "seconds": seconds})
+        write_json(os.path.join(out_dir, "metrics.json"),
+                   {"metrics": metrics, "seconds": seconds, "config": label_of(config),
+                    "provenance": provenance(command) if prov is None else prov})
     return qmodel, metrics, seconds
 
 
-def run_table(task, bits_list=(8, 4), methods=esc.METHODS, out_dir=None, progress=True, on_row=None,
-              keep_going=False, **overrides):
-    """FP32 + every (bits, method): rows of {config, metric, objective, seconds}.
+def table_configs(bits_list, methods, **overrides):
+    """``[(bits, QuantConfig)]`` for every bit width x preset name, all validated
+    (a bad option fails here, before any model is run)."""
+    return [(bits, config_for(method, bits=bits, **overrides)) for bits in bits_list for method in methods]
 
-    ``results.json`` / ``results.md`` in ``out_dir`` are rewritten after every
-    row, so a run stopped part-way still leaves the rows it finished.
-    ``on_row(rows)`` (optional) is called after each row, e.g. to archive
-    ``out_dir``. With ``keep_going=True`` a (bits, method) that raises is
-    reported, listed under ``"failed"`` in results.json and skipped instead of
-    ending the table.
+
+def evaluation_overhead(seconds, timings):
+    """Wall-clock of a run relative to the objective evaluations it really made:
+    ``seconds / (n_evaluations * seconds_per_evaluation)`` (None without evaluations)."""
+    n = timings.get("n_evaluations") or 0
+    per = timings.get("seconds_per_evaluation") or 0.0
+    return seconds / (n * per) if n > 0 and per > 0 else None
+
+
+def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True, on_row=None,
+              keep_going=False, command=None, **overrides):
+    """FP32 + every (bits, preset): rows of {config, method, metrics, objective, seconds}.
+
+    ``methods`` are preset names (default: every registered calibrator).
+    Every configuration is built before the first model run, so a bad option
+    fails at once. ``results.json`` / ``results.md`` in ``out_dir`` are
+    rewritten after every row, so a run stopped part-way still leaves the rows
+    it finished. ``on_row(rows)`` (optional) is called after each row, e.g. to
+    archive ``out_dir``. With ``keep_going=True`` a configuration that raises
+    is reported, listed under ``"failed"`` in results.json and skipped instead
+    of ending the table. ``command`` is recorded in results.json (default
+    ``sys.argv``).
     """
+    methods = list(calibrator_names() if methods is None else methods)
+    configs = table_configs(bits_list, methods, **overrides)
     with torch.no_grad():
         fp32 = task.evaluate(task.model)
         fp32_objective = float(task.objective(task.model))
     rows = [{"config": "FP32", "bits": 32, "method": "-", "metrics": fp32, "objective": fp32_objective,
              "seconds": 0.0}]
     failed = []
+    prov = provenance(command)  # once: the commit the run started from
 
     def row_done():
         if out_dir:
-            write_results(task, rows, out_dir, failed)
+            write_results(task, rows, out_dir, failed, prov=prov)
         if on_row is not None:
             on_row(rows)
 
     row_done()
-    for bits in bits_list:
-        for method in methods:
-            # "esc+best": ESC started from the best of its output-MSE init and the baselines' scales
-            extra = {"init": "best"} if method == "esc+best" else {}
-            cfg = esc.QuantConfig(bits=bits, method=method.split("+")[0], **extra, **overrides)
-            sub = os.path.join(out_dir, f"w{bits}a{bits}_{method.replace('+', '_')}") if out_dir else None
-            try:
-                qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress)
-                with torch.no_grad():
-                    objective = float(task.objective(qmodel))
-            except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going
-                if not keep_going:
-                    raise
-                failed.append({"config": f"W{bits}A{bits}", "method": method, "error": f"{type(e).__name__}: {e}"})
-                print(f"  {task.name} W{bits}A{bits} {method:10s} FAILED: {type(e).__name__}: {e}", flush=True)
-                row_done()
-                continue
-            timings = dict(qmodel.esc_report.timings)
-            if cfg.method == "esc":
-                # ESC's cost relative to Γ plain fake-quantized objective evaluations
-                timings["overhead_vs_budget_evals"] = seconds / (cfg.budget * timings["seconds_per_evaluation"])
-            rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": method, "metrics": metrics,
-                         "objective": objective, "seconds": seconds, "timings": timings})
-            print(f"  {task.name} W{bits}A{bits} {method:10s} {task.metric}={metrics[task.metric]:.3f} "
-                  f"objective={objective:.4g} ({seconds:.1f} s)", flush=True)
+    for bits, cfg in configs:
+        label = label_of(cfg)
+        sub = os.path.join(out_dir, f"w{bits}a{bits}_{label}") if out_dir else None
+        try:
+            qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress, prov=prov)
+            with torch.no_grad():
+                objective = float(task.objective(qmodel))
+        except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going
+            if not keep_going:
+                raise
+            failed.append({"config": f"W{bits}A{bits}", "method": label, "error": f"{type(e).__name__}: {e}"})
+            print(f"  {task.name} W{bits}A{bits} {label:12s} FAILED: {type(e).__name__}: {e}", flush=True)
             row_done()
+            continue
+        timings = dict(qmodel.esc_report.timings)
+        # the run's wall-clock relative to the objective evaluations it really made (ESC's
+        # search, percentile's candidates...); absent for calibrators that never evaluate
+        ratio = evaluation_overhead(seconds, timings)
+        if ratio is not None:
+            timings["overhead_vs_evaluations"] = ratio
+        rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": label, "metrics": metrics,
+                     "objective": objective, "seconds": seconds, "timings": timings})
+        print(f"  {task.name} W{bits}A{bits} {label:12s} {task.metric}={metrics[task.metric]:.3f} "
+              f"objective={objective:.4g} ({seconds:.1f} s)", flush=True)
+        row_done()
     return rows
 
 
+def _time_cell(row):
+    cell = f"{row['seconds']:.1f}"
+    timings = row.get("timings", {})
+    ratio = timings.get("overhead_vs_evaluations")
+    if ratio is not None:
+        return cell + f" ({ratio:.2f}× its {timings.get('n_evaluations')} evals)"
+    old = timings.get("overhead_vs_budget_evals")  # results.json written before the real count was used
+    if old is not None:
+        return cell + f" ({old:.2f}× Γ evals)"
+    return cell
+
+
 def markdown_table(task, rows):
+    """Rows as markdown; the time cell of a run that evaluated the objective adds
+    its wall-clock relative to those evaluations (``r× its k evals``: r = seconds
+    / (k x seconds per evaluation), k the count the report gives)."""
     arrow = "↑" if task.higher_is_better else "↓"
     extra = [k for k in rows[0]["metrics"] if k not in (task.metric, "n")]
     head = f"| config | calibrator | {task.metric} {arrow} | " + " | ".join(extra) + \
@@ -94,20 +164,23 @@ def markdown_table(task, rows):
     for r in rows:
         m = r["metrics"]
         cells = [r["config"], r["method"], f"{m[task.metric]:.2f}"] + [f"{m[k]:.4g}" for k in extra] + \
-            [f"{r['objective']:.4g}", f"{r['seconds']:.1f}"]
-        ratio = r.get("timings", {}).get("overhead_vs_budget_evals")
-        if ratio is not None:
-            cells[-1] += f" ({ratio:.2f}× Γ evals)"
+            [f"{r['objective']:.4g}", _time_cell(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(task, rows, out_dir, failed=None):
+def write_results(task, rows, out_dir, failed=None, command=None, prov=None):
+    """``results.json`` (task, rows, failures, provenance) and ``results.md`` in ``out_dir``.
+
+    ``prov`` is a :func:`provenance` dict (default: taken now, with ``command``)."""
     os.makedirs(out_dir, exist_ok=True)
+    prov = provenance(command) if prov is None else prov
     results = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-               "info": task.info, "rows": rows}
+               "info": task.info, "rows": rows, "provenance": prov}
     if failed:
         results["failed"] = failed
     write_json(os.path.join(out_dir, "results.json"), results)
-    md = f"### {task.name}\n\n{markdown_table(task, rows)}\n\n{json.dumps(task.info)}\n"
+    dirty = " (uncommitted changes)" if prov["dirty"] else ""
+    md = (f"### {task.name}\n\n{markdown_table(task, rows)}\n\n{json.dumps(task.info)}\n\n"
+          f"Commit {prov['commit']}{dirty}; command: `{' '.join(prov['command'])}`\n")
     write_bytes(os.path.join(out_dir, "results.md"), md.encode())

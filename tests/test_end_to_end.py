@@ -60,3 +60,69 @@ def test_whisper_tiny_quantized_covers_encoder_and_decoder(shared):
     # the FP32 model still transcribes as before; the quantized copy runs through the decoder
     with torch.no_grad():
         assert isinstance(task.objective(q), float)
+
+
+def _toy_task():
+    from esc_plugin.tasks import Task
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 8) for _ in range(2)]
+    ref = [model(x).detach() for x in data]
+
+    def err(m):
+        with torch.no_grad():
+            return float(sum((m(x) - r).pow(2).mean() for x, r in zip(data, ref)))
+
+    calls = []
+    task = Task(name="toy", model=model, forward_loop=lambda m: [m(x) for x in data], objective=err,
+                evaluate=lambda m: calls.append(1) or {"err": err(m)}, metric="err", higher_is_better=False)
+    return task, calls
+
+
+def test_run_table_names_rows_by_preset_and_counts_real_evaluations(tmp_path):
+    import re
+
+    import pytest
+
+    from esc_plugin.runner import markdown_table, run_table
+
+    task, calls = _toy_task()
+    with pytest.raises(esc.ConfigError, match="budget=0"):
+        run_table(task, [8], ["max", "esc"], str(tmp_path), progress=False, budget=0)
+    assert calls == [] and not (tmp_path / "results.json").exists()  # checked before any model run
+
+    rows = run_table(task, [8], ["esc", "esc_initbest"], str(tmp_path), progress=False, budget=5,
+                     command=["table", "--x"])
+    assert [r["method"] for r in rows] == ["-", "esc", "esc_initbest"]
+    for r in rows[1:]:
+        t = r["timings"]
+        assert t["n_evaluations"] >= 1 and "overhead_vs_budget_evals" not in t
+        assert t["overhead_vs_evaluations"] == pytest.approx(
+            r["seconds"] / (t["n_evaluations"] * t["seconds_per_evaluation"]))
+        assert (tmp_path / f"w8a8_{r['method']}" / "report.json").exists()
+    init = json.loads((tmp_path / "w8a8_esc_initbest" / "report.json").read_text())["config"]
+    assert init["method"] == "esc" and init["init"] == "best"
+    md = markdown_table(task, rows)
+    assert re.search(r"× its \d+ evals", md) and "Γ" not in md
+    results = json.loads((tmp_path / "results.json").read_text())
+    prov = results["provenance"]
+    assert prov["command"] == ["table", "--x"] and prov["dirty"] in (True, False, None)
+    assert prov["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
+    assert "command: `table --x`" in (tmp_path / "results.md").read_text()
+
+
+def test_table1_maps_the_old_esc_best_spelling(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "table1", Path(__file__).resolve().parents[1] / "benchmarks" / "table1.py")
+    table1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table1)
+    assert table1.resolve_methods(["max", "esc+best", "esc_initbest"]) == ["max", "esc_initbest"]
+    assert "deprecated" in capsys.readouterr().out
+    import pytest
+
+    with pytest.raises(SystemExit, match="minmax"):
+        table1.resolve_methods(["minmax"])
