@@ -2,18 +2,24 @@
 
 Reads ``benchmarks/results/sb_*/results.json`` and prints, per recipe, FP32,
 then for W8A8 and W4A4 the best of the four baselines (max, percentile,
-entropy, mse), the paper's ESC, and the best ESC variant (``esc_initbest``,
-``esc_loss``...) if any was run; ESC's relative gap to FP32 and whether it is
+entropy, mse: the registered calibrators other than esc), the paper's ESC,
+and the best ESC variant (``esc_initbest``, ``esc_loss``...) if any was run;
+a recipe with no results folder is listed as skipped; ESC's relative gap to FP32 and whether it is
 the best calibrator are computed, not typed::
 
     python benchmarks/sb_summary.py > benchmarks/results/sb_summary.md
 """
 import json
+import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from esc_plugin.core.registry import calibrator_names  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ("max", "percentile", "entropy", "mse")
+# baselines: the calibrators that never run the search (every registered one but esc)
+BASELINES = tuple(n for n in calibrator_names() if n != "esc")
 # recipe folder -> (metric key, label, lower is better)
 METRICS = {
     "sb_conformer_ctc": ("WER", "WER %", True),
@@ -69,11 +75,17 @@ def summarise(folder, key, label, lower):
 def main():
     lines = ["| recipe | metric | FP32 | W8A8 best baseline | W8A8 ESC | W8A8 ESC variant | "
              "W4A4 best baseline | W4A4 ESC | W4A4 ESC variant |", "|" + "---|" * 9]
+    missing = []
     for name, (key, label, lower) in METRICS.items():
         folder = RESULTS / name
         if (folder / "results.json").exists():
             lines.append(summarise(folder, key, label, lower))
+        else:
+            missing.append(name)
     print("\n".join(lines))
+    for name in missing:
+        path = (RESULTS / name / "results.json").relative_to(RESULTS.parent.parent)
+        print(f"\n{name.removeprefix('sb_')}: skipped, no {path} (run benchmarks/sb_table1.py for it)")
     return 0
 
 

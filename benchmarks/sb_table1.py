@@ -8,15 +8,17 @@ checkpoint on every later run) with ``--quantize=<method>`` and collects the
         recipes/SpeechCommands/KWS/ast/hparams/ast.yaml --out benchmarks/results/sb_ast \\
         -- --data_folder=../shared/data/speech_commands
 
-Everything after ``--`` is passed to every recipe run. Besides the five
-calibrators, ``--methods`` takes ``esc_initbest``: ESC composed with the
-baselines (``init: best``: CMA-ES starts from whichever of the output-MSE init
-and the max / percentile / entropy / mse scales scores best on the objective),
-``esc_loss``: ESC with the recipe's loss as the objective instead of its metric
-(smooth where an error rate over 100 samples is coarse), and
+Everything after ``--`` is passed to every recipe run. ``--methods`` takes
+the preset names (:func:`esc_plugin.core.presets.preset_names`: every
+registered calibrator and named variants such as ``esc_initbest``, ESC started
+from whichever of the output-MSE init and the baselines' scales scores best on
+the objective), plus two SpeechBrain-stage variants: ``esc_loss``, ESC with
+the recipe's loss as the objective instead of its metric (stage option
+``metric: loss``; smooth where an error rate over 100 samples is coarse), and
 ``esc_initbest_loss``: both.
 Rows already in ``<out>/results.json`` for the same recipe are kept unless
-re-run, so rows can be added by later runs.
+re-run, so rows can be added by later runs; each row records the commit it
+was produced at (``provenance``).
 """
 import argparse
 import json
@@ -27,12 +29,26 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
+from esc_plugin.core.presets import preset_names, preset_options  # noqa: E402
+from esc_plugin.core.registry import calibrator_names  # noqa: E402
+from esc_plugin.runner import provenance  # noqa: E402
 
-METHODS = ("max", "percentile", "entropy", "mse", "esc")
-# row name -> (quantize:, extra quantization: keys)
-VARIANTS = {"esc_initbest": ("esc", {"init": "best"}), "esc_loss": ("esc", {"metric": "loss"}),
-            "esc_initbest_loss": ("esc", {"init": "best", "metric": "loss"})}
-ORDER = METHODS + tuple(VARIANTS)
+# SpeechBrain-stage variants: stage options (metric: loss) that are not QuantConfig fields,
+# so not presets: row name -> (base preset, extra stage options)
+STAGE_VARIANTS = {"esc_loss": ("esc", {"metric": "loss"}),
+                  "esc_initbest_loss": ("esc_initbest", {"metric": "loss"})}
+
+
+def method_names():
+    """Every row name this script runs: the presets, then the stage variants."""
+    return tuple(preset_names()) + tuple(STAGE_VARIANTS)
+
+
+def recipe_options(name):
+    """``(quantize:, quantization: options)`` of a row name for the recipe's command line."""
+    base, stage = STAGE_VARIANTS.get(name, (name, {}))
+    options = preset_options(base)
+    return options.pop("method"), {**options, **stage}
 
 
 def run_recipe(train_py, hparams, extra, log):
@@ -63,12 +79,14 @@ def table(rows, keys):
 
 
 def main(argv=None):
+    argv_given = argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("train_py")
     p.add_argument("hparams")
     p.add_argument("--out", required=True, help="folder for results.json / results.md (and the recipe's runs)")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ORDER)
+    p.add_argument("--methods", nargs="+", default=list(calibrator_names()), choices=method_names(),
+                   help="presets / stage variants (default: every calibrator)")
     p.add_argument("--run-dir", help="the recipe's --output_folder (default <out>/run); point it at an already "
                                      "trained recipe folder to quantize that checkpoint instead of training anew")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -81,9 +99,10 @@ def main(argv=None):
     base = extra + [f"--output_folder={run_dir}"]
     rows, commands = _previous_rows(args)
     commands = [c for c in commands if c != _command(args, extra)] + [_command(args, extra)]
+    prov = provenance(sys.argv if argv_given is None else ["benchmarks/sb_table1.py", *argv_given])
     for bits in args.bits:
         for method in args.methods:
-            quantize, options = VARIANTS.get(method, (method, {}))
+            quantize, options = recipe_options(method)
             block = "{" + ", ".join(f"{k}: {v}" for k, v in {"bits": bits, **options}.items()) + "}"
             seconds = run_recipe(args.train_py, args.hparams,
                                  base + [f"--quantize={quantize}", f"--quantization={block}"], log)
@@ -96,15 +115,16 @@ def main(argv=None):
                          "seconds": None})
             rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
                          "objective": m["calibration_objective"], "seconds": m.get("seconds"),
-                         "recipe_seconds": seconds, "extra": extra})
+                         "recipe_seconds": seconds, "extra": extra, "provenance": prov})
             rows.sort(key=_row_order)
-            md = write_results(args, extra, rows, commands)  # after every row: a failed later run keeps the earlier ones
+            md = write_results(args, extra, rows, commands, prov)  # after every row: a failed later run keeps the earlier ones
     print(md)
 
 
 def _row_order(row):
     bits = 99 if row["config"] == "FP32" else int(row["config"][1:row["config"].index("A")])
-    return -bits, ORDER.index(row["method"]) if row["method"] in ORDER else -1
+    order = method_names()
+    return -bits, order.index(row["method"]) if row["method"] in order else -1
 
 
 def _previous_rows(args):
@@ -127,14 +147,24 @@ def _command(args, extra):
         (["--"] + extra if extra else []))
 
 
-def write_results(args, extra, rows, commands):
+def write_results(args, extra, rows, commands, prov):
     keys = sorted({k for r in rows for k in (r["metrics"] or {})})
     write_json(os.path.join(args.out, "results.json"), {"recipe": args.train_py, "hparams": args.hparams,
-                                                         "extra": extra, "rows": rows, "commands": commands})
+                                                         "extra": extra, "rows": rows, "commands": commands,
+                                                         "provenance": prov})
     name = os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))
-    md = f"### {name}\n\n{table(rows, keys)}\n\n" + "\n".join(f"`{c}`  " for c in commands) + "\n"
+    commits = sorted({_commit(r) for r in rows if r["config"] != "FP32"})
+    md = f"### {name}\n\n{table(rows, keys)}\n\n" + "\n".join(f"`{c}`  " for c in commands) + \
+        "\n\nRows from commit(s): " + ", ".join(commits) + "\n"
     write_bytes(os.path.join(args.out, "results.md"), md.encode())
     return md
+
+
+def _commit(row):
+    prov = row.get("provenance")
+    if not prov:
+        return "unrecorded (rows from before provenance was written)"
+    return f"{prov.get('commit')}{' (uncommitted changes)' if prov.get('dirty') else ''}"
 
 
 if __name__ == "__main__":

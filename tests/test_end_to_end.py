@@ -113,16 +113,55 @@ def test_run_table_names_rows_by_preset_and_counts_real_evaluations(tmp_path):
 
 
 def test_table1_maps_the_old_esc_best_spelling(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "table1", Path(__file__).resolve().parents[1] / "benchmarks" / "table1.py")
-    table1 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table1)
+    table1 = _load_benchmark("table1")
     assert table1.resolve_methods(["max", "esc+best", "esc_initbest"]) == ["max", "esc_initbest"]
     assert "deprecated" in capsys.readouterr().out
     import pytest
 
     with pytest.raises(SystemExit, match="minmax"):
         table1.resolve_methods(["minmax"])
+
+
+FAKE_RECIPE = '''
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+block = args["quantization"].strip("{}")
+opts = dict(kv.split(": ") for kv in block.split(", "))
+tag = args["quantize"] + ("_initbest" if opts.get("init") == "best" else "") + \\
+    ("_loss" if opts.get("metric") == "loss" else "")
+folder = os.path.join(args["output_folder"], "quantized", f"{tag}_w{opts['bits']}a{opts['bits']}")
+os.makedirs(folder, exist_ok=True)
+json.dump({"fp32": {"error": 0.1}, "quantized": {"error": 0.2 if tag == "max" else 0.15},
+           "calibration_objective": {"fp32": 0.1, "quantized": 0.12}, "seconds": 1.0},
+          open(os.path.join(folder, "metrics.json"), "w"))
+'''
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sb_table1_rows_from_presets_with_provenance(tmp_path):
+    sb_table1 = _load_benchmark("sb_table1")
+    assert sb_table1.recipe_options("esc_initbest") == ("esc", {"init": "best"})
+    assert sb_table1.recipe_options("esc_initbest_loss") == ("esc", {"init": "best", "metric": "loss"})
+    assert sb_table1.recipe_options("mse") == ("mse", {})
+    train = tmp_path / "recipe" / "train.py"
+    train.parent.mkdir()
+    train.write_text(FAKE_RECIPE)
+    out = tmp_path / "out"
+    sb_table1.main([str(train), "hp.yaml", "--out", str(out), "--bits", "4",
+                    "--methods", "max", "esc_initbest", "esc_loss"])
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["-", "max", "esc_initbest", "esc_loss"]
+    prov = results["provenance"]
+    assert prov["command"][0] == "benchmarks/sb_table1.py" and "esc_initbest" in prov["command"]
+    assert all(r["provenance"] == prov for r in results["rows"] if r["config"] != "FP32")
+    assert "Rows from commit(s): " in (out / "results.md").read_text()
