@@ -3,7 +3,9 @@
 Rows (each at every ``--bits``):
 
 * the baselines (``max``, ``percentile``, ``entropy``, ``mse``) with the task objective;
-* ``esc_task``: the paper's ESC on the task's calibration objective;
+* ``esc_task``: ESC on the task's calibration objective, with the selection
+  guard where the task's objective can be split (honk), and
+  ``esc_task_noguard``: the paper's ESC without it;
 * ``esc_distill``: ESC with no objective (label-free distillation to the FP32
   outputs) and the selection guard (20 % of the calibration samples held back);
 * ``esc_distill_noguard``: the same without the guard;
@@ -32,6 +34,7 @@ BASELINES = ("max", "percentile", "entropy", "mse")
 # name -> (QuantConfig options, use the task objective?)
 VARIANTS = {
     "esc_task": ({"method": "esc"}, True),
+    "esc_task_noguard": ({"method": "esc", "selection_split": None}, True),
     "esc_distill": ({"method": "esc"}, False),
     "esc_distill_noguard": ({"method": "esc", "selection_split": None}, False),
     "esc_distill_bc": ({"method": "esc", "ptq": ("bias_correction",)}, False),

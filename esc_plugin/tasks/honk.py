@@ -33,7 +33,7 @@ import torchaudio.functional as AF
 from esc_plugin.datasets.speech_commands import speaker_of
 from esc_plugin.datasets.speech_commands import speaker_split as _speaker_split
 from esc_plugin.tasks.audio import load_audio, pad_or_trim, require_path, resolve_shared_root
-from esc_plugin.tasks.base import Task
+from esc_plugin.tasks.base import SplitObjective, Task
 
 LABELS = ["_silence_", "_unknown_", "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 SAMPLE_RATE = 16000
@@ -228,16 +228,20 @@ def build_honk_task(shared_root=None, variant: str = "res8_narrow", n_calib: int
     def forward_loop(m: nn.Module) -> None:
         _logits(m, x_cal, batch_size)
 
-    def objective(m: nn.Module) -> float:
+    def score(m: nn.Module, idx=None) -> float:
         # Classification error alone is piecewise constant (steps of 1/n_calib),
         # which leaves an evolution strategy with flat plateaus and no signal
         # to rank candidates. A 1e-3 * mean cross-entropy tie-breaker is
         # smooth in the weights/scales and too small to outweigh a single
-        # misclassification (1/100 = 1e-2) unless the CE moves by > 10 nats.
-        logits = _logits(m, x_cal, batch_size)
-        err = (logits.argmax(1) != y_cal).float().mean().item()
-        ce = F.cross_entropy(logits, y_cal).item()
+        # misclassification unless the CE moves by > 10 nats.
+        x, y = (x_cal, y_cal) if idx is None else (x_cal[idx], y_cal[idx])
+        logits = _logits(m, x, batch_size)
+        err = (logits.argmax(1) != y).float().mean().item()
+        ce = F.cross_entropy(logits, y).item()
         return err + 1e-3 * ce
+
+    # split-aware: the selection guard scores held-back calibration clips
+    objective = SplitObjective(score, len(y_cal))
 
     def evaluate(m: nn.Module) -> Dict[str, float]:
         logits = _logits(m, x_ev, batch_size)
