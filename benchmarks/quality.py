@@ -9,7 +9,9 @@ Rows (each at every ``--bits``):
 * ``esc_distill``: ESC with no objective (label-free distillation to the FP32
   outputs) and the selection guard (20 % of the calibration samples held back);
 * ``esc_distill_noguard``: the same without the guard;
-* ``esc_distill_bc`` / ``esc_distill_sq_bc``: plus bias correction, plus SmoothQuant.
+* ``esc_distill_bc`` / ``esc_distill_sq_bc``: plus bias correction, plus SmoothQuant;
+* ``nncf``: Intel NNCF ``nncf.quantize`` (INT8 default preset; W8A8 only) on
+  the same calibration batches (``pip install -e ".[peers]"``).
 
 Every row reports the test metric, the task's calibration objective of the
 chosen scales, time, and for guarded runs the search / held-back scores.
@@ -26,11 +28,13 @@ import time
 
 import torch
 
-import esc_plugin as esc
-from esc_plugin.core.io import write_bytes, write_json
-from esc_plugin.tasks import get_task
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import esc_plugin as esc  # noqa: E402
+from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
+from esc_plugin.tasks import get_task  # noqa: E402
 
 BASELINES = ("max", "percentile", "entropy", "mse")
+PEERS = ("nncf",)  # Intel NNCF nncf.quantize, INT8 default preset (W8A8 rows only)
 # name -> (QuantConfig options, use the task objective?)
 VARIANTS = {
     "esc_task": ({"method": "esc"}, True),
@@ -60,7 +64,22 @@ def row_config(name, bits, budget, seed):
     return esc.QuantConfig(bits=bits, budget=budget, seed=seed, **options), task_objective
 
 
+def run_peer(task, name, bits):
+    from peers import nncf_quantize
+
+    t = time.perf_counter()
+    q = nncf_quantize(task.model, task.forward_loop)
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        metrics, calib = task.evaluate(q), float(task.objective(q))
+    return {"config": f"W{bits}A{bits}", "variant": name, "metrics": metrics, "calib_objective": calib,
+            "seconds": seconds, "n_evaluations": None, "selection": [], "ptq": [],
+            "notes": ["nncf.quantize, default preset, same calibration batches"]}
+
+
 def run_row(task, name, bits, budget, seed, progress):
+    if name in PEERS:
+        return run_peer(task, name, bits)
     config, task_objective = row_config(name, bits, budget, seed)
     t = time.perf_counter()
     q = esc.quantize(task.model, config, task.forward_loop, task.objective if task_objective else None,
@@ -94,8 +113,8 @@ def main(argv=None):
     p.add_argument("--task", default="honk")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
-    p.add_argument("--rows", nargs="+", default=list(BASELINES) + list(VARIANTS),
-                   choices=list(BASELINES) + list(VARIANTS))
+    p.add_argument("--rows", nargs="+", default=list(BASELINES) + list(PEERS) + list(VARIANTS),
+                   choices=list(BASELINES) + list(PEERS) + list(VARIANTS))
     p.add_argument("--budget", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -109,6 +128,8 @@ def main(argv=None):
     rows = []
     for bits in args.bits:
         for name in args.rows:
+            if name in PEERS and bits != 8:
+                continue  # NNCF's default preset is INT8
             rows.append(run_row(task, name, bits, args.budget, args.seed, args.progress))
             r = rows[-1]
             print(f"{task.name} {r['config']} {name:22s} {task.metric}={r['metrics'][task.metric]:.2f} "
