@@ -401,3 +401,18 @@ def test_fallback_leaves_the_most_sensitive_ops_in_float(kws, tmp_path):
     drop = esc.quantize(model, esc.QuantConfig(bits=4, method="max", max_drop=0.0), loop, objective,
                         progress=False)
     assert drop.esc_report.objective["fallback_reached"] <= drop.esc_report.objective["fallback_target"] + 1e-12
+
+
+def test_weight_clip_lowers_the_weight_error_and_reloads(kws, tmp_path):
+    model, data, loop, objective = kws
+    plain = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    clip = esc.quantize(model, esc.QuantConfig(bits=4, method="max", ptq=("weight_clip",)), loop, progress=False)
+    for name in ("conv", "fc", "out"):
+        w = getattr(model, name).weight
+        err = [float(((getattr(q, name).esc_weight() - w) ** 2).sum()) for q in (plain, clip)]
+        assert err[1] < err[0]
+    ratios = clip.esc_state["transforms"][0]["state"]["ratios"]
+    assert "mha:in_proj_weight" in ratios and all(0.3 <= r <= 1 for r in ratios.values())  # functional too
+    again = esc.load(model, esc.save(clip, tmp_path / "wc.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(data[0]), clip(data[0]))
