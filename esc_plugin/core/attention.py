@@ -21,27 +21,34 @@ named ``<module>.sdpa.query`` / ``.key`` / ``.value``. The exported ONNX then
 has QuantizeLinear/DequantizeLinear on both inputs of both MatMuls, which ONNX
 Runtime and TensorRT run as integer products.
 
-How a call is attributed to a module: ``F.scaled_dot_product_attention`` is
-replaced (once, when a model is first quantized with the option) by a
-dispatcher that walks up the Python stack to the nearest frame whose ``self``
-is an ``nn.Module`` (the attention module's ``forward``, possibly a few
-helper functions up, as in Hugging Face's ``sdpa_attention_forward``). If that
-module belongs to a quantized copy with the option on, the call is quantized;
-otherwise it goes to torch unchanged, so FP32 models are unaffected. Attention
-written as explicit ``torch.matmul`` (SpeechBrain's ``RelPosMHAXL``) is not
-reached and stays listed as float in the coverage report.
+How a call is attributed to a module: while a module of a quantized copy with
+the option on runs (forward hooks count it per thread), and only then,
+``F.scaled_dot_product_attention`` is replaced by a dispatcher (see
+:mod:`esc_plugin.core.patching`: installed while any thread is inside such a
+module, the original again when none is). In a thread inside such a module,
+the dispatcher walks up the Python stack to the nearest frame whose ``self``
+is an ``nn.Module`` (the attention module's ``forward``, possibly a few helper
+functions up, as in Hugging Face's ``sdpa_attention_forward``); if that module
+belongs to a quantized copy with the option on, the call is quantized.
+Everywhere else it goes to torch unchanged (same function, same arguments), so
+FP32 models, in this thread or another, are unaffected. Attention written as
+explicit ``torch.matmul`` (SpeechBrain's ``RelPosMHAXL``) is not reached and
+stays listed as float in the coverage report.
 """
 import math
 import sys
+import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import QuantPoint, _quantized_op
+from .modules import QuantEmbedding, QuantMixin, QuantPoint, _quantized_op
+from .patching import ScopedPatch, thread_stack
 from .quantizers import ActivationQuantizer
 
 _ORIG_SDPA = F.scaled_dot_product_attention
+_SITE_LOCK = threading.Lock()  # two threads meeting a module's first call make one set of quantizers
 _MAX_FRAMES = 8  # how far up the stack the owning module may be
 _ROLES = ("query", "key", "value")
 
@@ -58,10 +65,32 @@ class AttentionQuantizers(nn.Module):
 
 
 def mark_attention_modules(qmodel, plan):
-    """Let every module of ``qmodel`` have its SDPA calls quantized (called by ``insert_quantizers``)."""
+    """Let every module of ``qmodel`` have its SDPA calls quantized (called by ``insert_quantizers``).
+
+    Each module that may call SDPA also gets a pair of forward hooks holding
+    the dispatcher while it runs (the quantized leaves and the quantizers never
+    call it).
+    """
     for name, module in qmodel.named_modules():
         module.__dict__["esc_attention_owner"] = (name, plan)
-    F.scaled_dot_product_attention = _dispatch_sdpa
+        if not isinstance(module, (QuantMixin, QuantEmbedding, ActivationQuantizer, AttentionQuantizers)):
+            module.register_forward_pre_hook(_enter)
+            module.register_forward_hook(_leave, always_call=True)
+
+
+def _enter(module, args):
+    thread_stack("sdpa").append(module)
+    _SDPA_PATCH.acquire()
+
+
+def _leave(module, args, output):
+    # Also called when the forward raised; skipped when an earlier pre-hook raised before _enter.
+    # (A BaseException such as KeyboardInterrupt skips always_call hooks: the dispatcher may then
+    # stay installed, still transparent, since every call is attributed by the stack walk.)
+    stack = thread_stack("sdpa")
+    if stack and stack[-1] is module:
+        stack.pop()
+        _SDPA_PATCH.release()
 
 
 def add_attention_site(module, name, plan):
@@ -72,10 +101,10 @@ def add_attention_site(module, name, plan):
         tensor = next(module.buffers(), None)
     if tensor is not None:  # the module's device (a quantizer's amax lives with its input)
         quantizers.to(tensor.device)
-    module.add_module("esc_attention", quantizers)
     for role in _ROLES:
         plan.add_point(QuantPoint(f"{name}.sdpa.{role}", "attention", module, getattr(quantizers, role),
                                   _identity, None))
+    module.add_module("esc_attention", quantizers)  # last: from here on other threads use them
     return quantizers
 
 
@@ -106,12 +135,17 @@ def _owner(depth=2):
 
 def _dispatch_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
-    out = quantized_attention_if_owned(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                       _depth=3)
+    out = None
+    if thread_stack("sdpa"):  # this thread is inside a marked module
+        out = quantized_attention_if_owned(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                           enable_gqa, _depth=3)
     if out is None:
         return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
     return out
+
+
+_SDPA_PATCH = ScopedPatch(F, "scaled_dot_product_attention", _dispatch_sdpa)
 
 
 def quantized_attention_if_owned(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -125,9 +159,12 @@ def quantized_attention_if_owned(query, key, value, attn_mask=None, dropout_p=0.
     if module is None:
         return None
     name, plan = module.esc_attention_owner
-    quantizers = getattr(module, "esc_attention", None)
+    quantizers = module._modules.get("esc_attention")
     if not isinstance(quantizers, AttentionQuantizers):
-        quantizers = add_attention_site(module, name, plan)
+        with _SITE_LOCK:
+            quantizers = module._modules.get("esc_attention")
+            if not isinstance(quantizers, AttentionQuantizers):
+                quantizers = add_attention_site(module, name, plan)
     with _quantized_op():
         return quantized_sdpa(quantizers, query, key, value, attn_mask, dropout_p, is_causal, scale,
                               enable_gqa, quantize_probs=not plan.observing)

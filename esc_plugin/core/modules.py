@@ -1,15 +1,24 @@
-"""Insert quantizers into a model: module wrappers and functional linear calls.
+"""Insert quantizers into a model: module wrappers.
 
-Two mechanisms, both preserving the original class (``isinstance`` still
-holds) and the state-dict keys of the weights:
+Both mechanisms preserve the original class (``isinstance`` still holds) and
+the state-dict keys of the weights:
 
 * ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.LayerNorm`` get a
   subclass whose forward quantizes the input (per tensor) and the weight
-  (per output channel).
+  (per output channel); here.
 * Modules that apply their own 2-D parameters with ``F.linear`` (SpeechBrain
   ``RelPosMHAXL.in_proj_weight``, ``nn.MultiheadAttention``) get a subclass
-  whose forward routes ``F.linear`` through quantizers while it runs. Module
-  swapping alone would miss these projections.
+  whose forward routes ``F.linear`` through quantizers while it runs: in
+  :mod:`esc_plugin.core.functional`, whose names (``wrap_functional``,
+  ``FunctionalLinearMixin``, ``keep_transformer_layers_unfused``, ...) are still
+  importable from here.
+
+Example
+-------
+>>> import torch
+>>> lin = wrap_module(torch.nn.Linear(4, 3), "lin", weight_bits=8, act_bits=8)
+>>> type(lin.module).__name__, isinstance(lin.module, torch.nn.Linear), lin.op
+('QuantLinear', True, 'linear')
 """
 import contextlib
 import threading
@@ -61,22 +70,29 @@ class _CachedWeight:
 
     The quantized weight does not depend on the activation scales, so the
     CMA-ES loop must not recompute it hundreds of times. Tracing (ONNX export)
-    always recomputes so the QDQ nodes land in the graph.
+    and autograd always recompute (QDQ nodes in the graph, gradients to the weight).
+
+    Safe for one model run from several threads: an entry is one immutable
+    ``(key, tensor)`` tuple, read once and replaced whole, so a thread sees either
+    the old or the new entry, never a key of one with the tensor of the other.
+    A weight quantizer's amax is assumed fixed once calibrated (modelopt updates
+    it in place, invisibly to the key): whoever changes it must drop
+    ``module.__dict__["_esc_qweight_cache"]``.
     """
 
     @staticmethod
     def get(module, attr, weight, quantizer):
         if not quantizer.is_enabled:
             return weight
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled():
+            return quantizer(weight)
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
         cache = module.__dict__.setdefault("_esc_qweight_cache", {})
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if tracing or torch.is_grad_enabled() or cache.get(attr, (None,))[0] != key:
-            qweight = quantizer(weight)
-            if tracing or torch.is_grad_enabled():
-                return qweight
-            cache[attr] = (key, qweight.detach())
-        return cache[attr][1]
+        entry = cache.get(attr)
+        if entry is None or entry[0] != key:
+            entry = (key, quantizer(weight).detach())
+            cache[attr] = entry
+        return entry[1]
 
 
 class QuantMixin:
@@ -172,11 +188,11 @@ _WRAPPERS = ((nn.Linear, QuantLinear), (nn.Conv1d, QuantConv), (nn.Conv2d, Quant
 _SUBCLASS_CACHE = {}
 
 
-def _subclass(mixin, cls):
-    """A cached ``Quant<cls>`` class combining our mixin with the original class."""
+def _subclass(mixin, cls, prefix="Quant"):
+    """A cached ``<prefix><cls>`` class combining our mixin with the original class."""
     key = (mixin, cls)
     if key not in _SUBCLASS_CACHE:
-        _SUBCLASS_CACHE[key] = type("Quant" + cls.__name__, (mixin, cls), {"__module__": __name__})
+        _SUBCLASS_CACHE[key] = type(prefix + cls.__name__, (mixin, cls), {"__module__": __name__})
     return _SUBCLASS_CACHE[key]
 
 
@@ -216,177 +232,18 @@ def own_forward_skipped(module):
     return False
 
 
-# ---------------------------------------------------------------- functional linear
-
-class FunctionalLinearMixin:
-    """Quantize ``F.linear(x, W_view)`` calls where ``W`` is one of this module's
-    own 2-D parameters (possibly a chunk of it, as in ``in_proj_weight.chunk(3)``).
-
-    Each distinct (parameter, row range) call site gets its own input quantizer,
-    created the first time the call is seen, named e.g.
-    ``encoder.layers.0.self_att.in_proj_weight[0:144]``.
-    """
-
-    def esc_init_functional(self, name, weight_bits, act_bits, on_new_point):
-        self.esc_name = name
-        self.esc_act_bits = act_bits
-        self.esc_on_new_point = on_new_point
-        self.esc_weight_quantizers = nn.ModuleDict()
-        self.esc_input_quantizers = nn.ModuleDict()
-        self.esc_params = functional_params(self)
-        for pname in self.esc_params:
-            q = weight_quantizer(weight_bits)
-            calibrate_weight(q, self.get_parameter(pname))
-            self.esc_weight_quantizers[_safe(pname)] = q
-
-    def esc_call_site(self, weight):
-        """(parameter name, key, row slice) for a weight view, or None."""
-        ptr = weight.untyped_storage().data_ptr()
-        for pname in self.esc_params:
-            p = self.get_parameter(pname)
-            if p.untyped_storage().data_ptr() == ptr and p.is_contiguous():
-                start = (weight.storage_offset() - p.storage_offset()) // p.shape[1]
-                stop = start + weight.shape[0]
-                whole = start == 0 and stop == p.shape[0]
-                key = pname if whole else f"{pname}[{start}:{stop}]"
-                return pname, key
-        return None
-
-    def esc_qweight_view(self, pname, weight):
-        p = self.get_parameter(pname)
-        qp = _CachedWeight.get(self, pname, p, self.esc_weight_quantizers[_safe(pname)])
-        return qp.as_strided(weight.size(), weight.stride(), weight.storage_offset() - p.storage_offset())
-
-    def esc_linear(self, x, weight, bias=None):
-        site = self.esc_call_site(weight)
-        if site is None:  # not ours: leave it (the coverage report will list it)
-            return _ORIG_LINEAR(x, weight, bias)
-        pname, key = site
-        safe = _safe(key)
-        if safe not in self.esc_input_quantizers:
-            offset = weight.storage_offset() - self.get_parameter(pname).storage_offset()
-            self.esc_add_site(pname, key, tuple(weight.size()), tuple(weight.stride()), offset)
-        with _quantized_op():
-            return _ORIG_LINEAR(self.esc_input_quantizers[safe](x), self.esc_qweight_view(pname, weight), bias)
-
-    def esc_add_site(self, pname, key, size, stride, offset):
-        """Create the input quantizer of one call site (at first call, or when loading)."""
-        q = ActivationQuantizer(self.esc_act_bits, f"{self.esc_name}.{key}")
-        self.esc_input_quantizers[_safe(key)] = q
-        self.esc_sites = getattr(self, "esc_sites", []) + [(pname, key, size, stride, offset)]
-        point = self._esc_point(q, pname, key, size, stride, offset)
-        self.esc_on_new_point(point)
-        return point
-
-    def _esc_point(self, quantizer, pname, key, size, stride, offset):
-        def output(x, quantize_weight, m=self):
-            p = m.get_parameter(pname)
-            src = _CachedWeight.get(m, pname, p, m.esc_weight_quantizers[_safe(pname)]) if quantize_weight else p
-            return _ORIG_LINEAR(x, src.as_strided(size, stride, offset))
-
-        return QuantPoint(f"{self.esc_name}.{key}", "linear", self, quantizer, output, size[1])
-
-    def forward(self, *args, **kwargs):
-        with _patched_linear(self), _mha_fastpath_off():
-            return super().forward(*args, **kwargs)
+# Moved to .functional / .patching and still importable from here. Resolved at first use:
+# .functional imports this module, so importing it here would be circular.
+_MOVED = {name: ("functional", name) for name in (
+    "FunctionalLinearMixin", "UnfusedTransformerMixin", "keep_transformer_layers_unfused", "_safe",
+    "functional_params", "functional_children", "uses_functional_weights", "wrap_functional",
+    "_patched_linear", "_dispatch_linear")}
+_MOVED["_mha_fastpath_off"] = ("patching", "mha_fastpath_off")
 
 
-_ACTIVE = []
-
-
-@contextlib.contextmanager
-def _patched_linear(module):
-    """Route ``torch.nn.functional.linear`` through ``module.esc_linear``.
-
-    Both ``F.multi_head_attention_forward`` (global name lookup) and SpeechBrain
-    (``nn.functional.linear``) resolve the name at call time, so patching the
-    module attribute reaches them. Nested modules stack.
-    """
-    _ACTIVE.append(module)
-    F.linear = _dispatch_linear
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
-        if not _ACTIVE:
-            F.linear = _ORIG_LINEAR
-
-
-def _dispatch_linear(x, weight, bias=None):
-    if not _ACTIVE:
-        return _ORIG_LINEAR(x, weight, bias)
-    return _ACTIVE[-1].esc_linear(x, weight, bias)
-
-
-@contextlib.contextmanager
-def _mha_fastpath_off():
-    # nn.MultiheadAttention's fused inference kernel skips F.linear entirely.
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-_FUSED_TRANSFORMER_TYPES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-
-
-def keep_transformer_layers_unfused(model):
-    """Turn torch's fused transformer fast path off while these layers run.
-
-    In eval mode without gradients, ``nn.TransformerEncoderLayer`` (and
-    ``TransformerEncoder`` / ``TransformerDecoderLayer``) run one fused kernel
-    that never reaches the layers' Linear / LayerNorm modules, so their
-    quantizers would be silently skipped. Hooks on the quantized copy only.
-    """
-    saved = []
-
-    def off(module, args):
-        saved.append(torch.backends.mha.get_fastpath_enabled())
-        torch.backends.mha.set_fastpath_enabled(False)
-
-    def restore(module, args, output):
-        if saved:
-            torch.backends.mha.set_fastpath_enabled(saved.pop())
-
-    for module in model.modules():
-        if isinstance(module, _FUSED_TRANSFORMER_TYPES):
-            module.register_forward_pre_hook(off)
-            module.register_forward_hook(restore, always_call=True)
-
-
-def _safe(key):
-    """A ModuleDict key for a parameter name / call site."""
-    return key.replace(".", "_").replace("[", "_").replace(":", "_").replace("]", "")
-
-
-def functional_params(module):
-    """Names of the 2-D parameters ``module`` applies with ``F.linear`` itself.
-
-    Its own 2-D parameters, plus ``out_proj.weight`` for ``nn.MultiheadAttention``,
-    whose forward passes the child's weight to ``F.multi_head_attention_forward``
-    instead of calling the child.
-    """
-    names = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 2]
-    if isinstance(module, nn.MultiheadAttention):
-        names.append("out_proj.weight")
-    return names
-
-
-def functional_children(module):
-    """Child modules whose forward the parent bypasses (their weights are used functionally)."""
-    return [module.out_proj] if isinstance(module, nn.MultiheadAttention) else []
-
-
-def uses_functional_weights(module):
-    """Modules that own 2-D weight parameters but are not Linear/Conv themselves."""
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
-                           nn.Embedding, nn.RNNBase, nn.modules.conv._ConvTransposeNd)):
-        return False
-    return any(p.dim() == 2 for _, p in module.named_parameters(recurse=False))
-
-
-def wrap_functional(module, name, weight_bits, act_bits, on_new_point):
-    module.__class__ = _subclass(FunctionalLinearMixin, type(module))
-    module.esc_init_functional(name, weight_bits, act_bits, on_new_point)
+def __getattr__(name):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    module, attr = _MOVED[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
