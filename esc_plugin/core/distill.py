@@ -10,9 +10,12 @@ loop on the quantized copy and compares call by call:
 * ``mse``: mean squared error normalised by the FP32 output's mean square,
   for everything else (features, spectrograms, masks, embeddings).
 
-``auto`` chooses ``kl`` when the model's output is produced by its last
-``nn.Linear`` (a classification / vocabulary head), ``mse`` otherwise, and
-the report says which it chose.
+``auto`` chooses, per recorded call, ``kl`` when the output is produced by
+the model's last ``nn.Linear`` (a classification / vocabulary head) and
+``mse`` otherwise; the report says what it chose. When the loop calls
+sub-modules instead of the root (Whisper: encoder, decoder, then the
+vocabulary projection on teacher-forced FP32 tokens), the outermost calls
+are the ones compared.
 
 The samples (rows of the batch dimension) are split into a search part and
 a held-back selection part (every k-th sample), so the selection guard can compare the
@@ -45,23 +48,36 @@ def output_tensors(output):
 
 
 class OutputRecorder:
-    """Forward hook on the root module collecting its outputs per call (detached, float32)."""
+    """Hooks recording the outputs of the *outermost* module calls the forward loop makes.
+
+    Usually that is one call of the root module per batch. A loop that calls
+    sub-modules directly (Whisper's encoder, then its decoder, then the
+    vocabulary projection) gets each of those outermost calls recorded
+    instead. Each record notes whether the call was the model's last
+    ``nn.Linear`` or returned its output (a classification / vocabulary head).
+    """
 
     def __init__(self, model):
-        self.outputs = []
-        self.last_linear_out = None
-        self._handles = [model.register_forward_hook(self._root)]
+        self.outputs, self.heads = [], []
+        self._depth, self._last_linear_out = 0, None
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        if linears:
-            self._handles.append(linears[-1].register_forward_hook(self._head))
+        self._head = linears[-1] if linears else None
+        self._handles = []
+        for m in model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._leave, always_call=True))
 
-    def _head(self, module, args, output):
-        self.last_linear_out = output
+    def _enter(self, module, args):
+        self._depth += 1
 
-    def _root(self, module, args, output):
-        tensors = output_tensors(output)
-        self.head_is_output = any(t is self.last_linear_out for t in tensors)
-        self.outputs.append([t.detach().float() for t in tensors])
+    def _leave(self, module, args, output):
+        self._depth -= 1
+        if module is self._head:
+            self._last_linear_out = output
+        if self._depth == 0:
+            tensors = output_tensors(output)
+            self.heads.append(module is self._head or any(t is self._last_linear_out for t in tensors))
+            self.outputs.append([t.detach().float() for t in tensors])
 
     def close(self):
         for h in self._handles:
@@ -105,13 +121,16 @@ class DistillObjective:
         Fraction of rows (samples) held back for selection (0: none).
     """
 
-    def __init__(self, forward_loop, targets, kind, holdout=0.0):
+    def __init__(self, forward_loop, targets, kind, holdout=0.0, heads=None):
         if not targets or not any(targets):
             raise CalibrationError(
                 "the distillation objective found no tensor outputs: the model's forward must return a "
                 "tensor (or a tuple/dict of tensors) for the forward loop's calls, or pass an objective "
                 "(a callable objective(model) -> float).")
         self.forward_loop, self.targets, self.kind = forward_loop, targets, kind
+        # per call: KL for head outputs when kind is "auto", else the kind asked for
+        heads = heads if heads is not None else [False] * len(targets)
+        self.kinds = [("kl" if h else "mse") if kind == "auto" else kind for h in heads]
         rows = [(_rows(ts[0]).shape[0] if ts else 0) for ts in targets]
         n = sum(rows)
         # at least one held-back sample whenever there are two or more
@@ -137,9 +156,9 @@ class DistillObjective:
                 f"the forward loop made {len(recorder.outputs)} model calls, but {len(self.targets)} when the "
                 "FP32 targets were recorded: the distillation objective needs a deterministic loop (same "
                 "batches, same order) — e.g. no shuffling dataloader.")
-        distance = _kl if self.kind == "kl" else _mse
         search, held = [], []
-        for got, want, mask in zip(recorder.outputs, self.targets, self.held):
+        for got, want, mask, kind in zip(recorder.outputs, self.targets, self.held, self.kinds):
+            distance = _kl if kind == "kl" else _mse
             per_row = sum(distance(q.to(t.device), t).cpu() for q, t in zip(got, want)) / max(len(want), 1)
             if per_row.numel() != mask.numel():  # outputs without a batch dimension: the call is one row
                 per_row, mask = per_row.mean().reshape(1), mask[:1]
@@ -155,6 +174,9 @@ def _mean(parts):
     return out if math.isfinite(out) else float("inf")
 
 
-def infer_kind(recorder):
-    """``kl`` when the root output came straight from the model's last ``nn.Linear``, else ``mse``."""
-    return "kl" if getattr(recorder, "head_is_output", False) else "mse"
+def describe_kinds(kinds):
+    """``"kl"``, ``"mse"`` or e.g. ``"kl on 9 head calls, mse on 18 others"`` for the report."""
+    n_kl = sum(k == "kl" for k in kinds)
+    if n_kl in (0, len(kinds)):
+        return kinds[0] if kinds else "mse"
+    return f"kl on {n_kl} head calls, mse on {len(kinds) - n_kl} others"

@@ -10,7 +10,7 @@ import numpy as np
 from .config import QuantConfig
 from .context import CalibrationContext
 from .coverage import build_coverage, trace_ops
-from .distill import DistillObjective, OutputRecorder, infer_kind
+from .distill import DistillObjective, OutputRecorder, describe_kinds
 from .errors import CalibrationError, ConfigError
 from .plan import check_not_quantized, insert_quantizers, observe
 from .registry import get_calibrator, get_transform
@@ -139,10 +139,10 @@ def _choose_objective(ctx, spec):
     config, report, user = ctx.config, ctx.report, ctx.objective
     split = config.selection_split
     if ctx.recorder is not None:
-        kind = infer_kind(ctx.recorder) if config.distill == "auto" else config.distill
         holdout = split if split and not callable(user) else 0.0
-        distill = DistillObjective(ctx.forward_loop, ctx.recorder.outputs, kind, holdout)
-        report.notes.append(f"objective: distillation to the FP32 outputs ({kind}"
+        distill = DistillObjective(ctx.forward_loop, ctx.recorder.outputs, config.distill, holdout,
+                                   ctx.recorder.heads)
+        report.notes.append(f"objective: distillation to the FP32 outputs ({describe_kinds(distill.kinds)}"
                             f"{', inferred' if config.distill == 'auto' else ''})"
                             + ("" if not callable(user) else f" x {config.distill_weight} added to the "
                                "given objective"))
