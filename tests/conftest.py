@@ -21,3 +21,20 @@ def shared():
     if not (root / "data").is_dir():
         pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
     return root
+
+
+def loop_and_output_error(model, data):
+    """``(forward_loop, objective)`` over ``data``: the objective is the summed output MSE to the FP32
+    model's outputs (recorded now), the simplest real calibration objective."""
+    with torch.no_grad():
+        refs = [model(x) for x in data]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def objective(m):
+        with torch.no_grad():
+            return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
+
+    return loop, objective

@@ -7,6 +7,7 @@ from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
 from speechbrain.nnet.attention import RelPosEncXL
 
 import esc_plugin as esc
+from conftest import loop_and_output_error
 from esc_plugin.core.errors import CalibrationError, ConfigError, ObjectiveError, QuantizationError
 
 
@@ -35,16 +36,7 @@ def setup():
     model = SpeechNet().eval()
     # speech-like features: a few channels with a huge range
     data = [torch.randn(4, 25, 20) * torch.linspace(0.05, 40, 20) for _ in range(3)]
-    with torch.no_grad():
-        refs = [model(x) for x in data]
-
-    def loop(m):
-        for x in data:
-            m(x)
-
-    def objective(m):
-        return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
-
+    loop, objective = loop_and_output_error(model, data)
     return model, data, loop, objective
 
 

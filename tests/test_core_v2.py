@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import esc_plugin as esc
+from conftest import loop_and_output_error
 from esc_plugin.core.errors import CalibrationError, ConfigError, ObjectiveError, QuantizationError
 from esc_plugin.core.registry import register_calibrator, unregister_calibrator
 
@@ -37,16 +38,7 @@ def kws():
     torch.manual_seed(0)
     model = KwsNet().eval()
     data = [torch.randn(4, 10, 12) * torch.linspace(0.1, 20, 12) for _ in range(3)]
-    with torch.no_grad():
-        refs = [model(x) for x in data]
-
-    def loop(m):
-        for x in data:
-            m(x)
-
-    def objective(m):
-        return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
-
+    loop, objective = loop_and_output_error(model, data)
     return model, data, loop, objective
 
 
