@@ -1,4 +1,4 @@
-"""Paper Table 1 for a SpeechBrain recipe: FP32, then W8A8 / W4A4 × five calibrators.
+"""Paper Table 1 for a SpeechBrain recipe: FP32, then W8A8 / W4A4 × every calibrator.
 
 Runs the recipe's own ``train.py`` (which trains once, then recovers its
 checkpoint on every later run) with ``--quantize=<method>`` and collects the

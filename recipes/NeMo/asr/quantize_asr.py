@@ -62,9 +62,11 @@ def run(cfg):
     from esc_plugin.core.io import write_bytes, write_json
     from esc_plugin.export import count_qdq
     from esc_plugin.nemo import ASRFeatureCache, quantize_asr_model, restore_quantized_asr_model
+    from esc_plugin.runner import provenance
     from nemo.collections.asr.models import ASRModel
 
     quant_configs = check_inputs(cfg)
+    prov = provenance()  # commit, dirty flag and command line, taken before the work
     torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output.dir)
     fp32 = ASRModel.restore_from(cfg.model, map_location="cpu").eval()
@@ -103,12 +105,15 @@ def run(cfg):
             qmodel(processed_signal=feats, processed_signal_length=lens),
             restored(processed_signal=feats, processed_signal_length=lens)))
     results = {"rows": rows, "fp32_model": cfg.model, "quantized_model": cfg.output.model,
-               "restored_outputs_identical": same, "config": OmegaConf.to_container(cfg, resolve=True)}
+               "restored_outputs_identical": same, "config": OmegaConf.to_container(cfg, resolve=True),
+               "provenance": prov}
     if cfg.output.onnx:
         qmodel.export(cfg.output.onnx)
         results.update(onnx=cfg.output.onnx, onnx_qdq=count_qdq(cfg.output.onnx))
     write_json(cfg.output.results, results)
-    write_bytes(str(Path(cfg.output.results).with_suffix(".md")), markdown(rows, metric).encode())
+    md = markdown(rows, metric) + (f"\nCommit {prov['commit']}{' (uncommitted changes)' if prov['dirty'] else ''}; "
+                                   f"command: `{' '.join(prov['command'])}`\n")
+    write_bytes(str(Path(cfg.output.results).with_suffix(".md")), md.encode())
     return results
 
 
