@@ -39,6 +39,8 @@ class ToyBrain(sb.Brain):
         if stage == sb.Stage.TEST:
             self.test_stats = {"loss": stage_loss, "accuracy": self.acc_metric.summarize("accuracy")}
             self.hparams.train_logger.log_stats({"test": "done"}, test_stats=self.test_stats)
+            with open(self.hparams.wer_file, "w") as f:  # a per-run output file, as recipes write
+                f.write(f"accuracy {float(self.test_stats['accuracy']):.6f}\n")
 
 
 def make_data(n, seed):
@@ -55,11 +57,16 @@ def make_data(n, seed):
 
 @pytest.fixture
 def trained(tmp_path):
+    return train(tmp_path, "save")
+
+
+def train(tmp_path, ckpt_name):
+    """Train, checkpoint and evaluate (FP32) a ToyBrain whose Checkpointer is ``<out>/<ckpt_name>``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.ReLU(), torch.nn.Linear(32, N_CLASSES))
     norm = torch.nn.LayerNorm(DIM)
     out = tmp_path / "results"
-    ckpt_dir = out / "save"
+    ckpt_dir = out / ckpt_name
     hparams = {"model": model, "norm": norm, "output_folder": str(out),
                "train_logger": FileTrainLogger(str(out / "train_log.txt")),
                "wer_file": str(out / "wer_test.txt")}
@@ -83,6 +90,7 @@ def test_stage_quantizes_with_the_brains_metric_and_keeps_fp32(trained):
     brain, hparams, test, out = trained
     before = checkpoint_digests(out / "save")
     log_before = (out / "train_log.txt").read_text()
+    wer_before = (out / "wer_test.txt").read_text()
     fp32_state = {k: v.clone() for k, v in brain.modules.state_dict().items()}
     fp32_stats = dict(brain.test_stats)
     hparams.update(quantize="esc", quantization={"bits": 8, "budget": 6, "n_samples": 24, "seed": 0})
@@ -109,6 +117,7 @@ def test_stage_quantizes_with_the_brains_metric_and_keeps_fp32(trained):
     assert brain.test_stats == fp32_stats
     assert (out / "train_log.txt").read_text() == log_before
     assert (folder / "log.txt").is_file()
+    assert (folder / "wer_test.txt").is_file() and (out / "wer_test.txt").read_text() == wer_before
 
     # Load back through SpeechBrain's Checkpointer: identical outputs.
     reloaded = load_quantized(brain, str(folder))
@@ -168,3 +177,56 @@ def test_brain_without_metric_names_the_fix(trained):
     hp["quantization"]["metric"] = "loss"
     result = quantize_brain(bare, hp, make_data(8, 4), loader_kwargs={"batch_size": 8}, progress=False)
     assert result.metrics["objective_name"] == "loss"
+
+
+@pytest.mark.parametrize("layout", ["output_folder", "parent", "checkpoint", "test_log_folder"])
+def test_output_layout_touching_fp32_files_is_refused(tmp_path, layout):
+    """The FP32 Checkpointer at <output_folder>/checkpoint: a stage folder equal to output_folder
+    would run its own Checkpointer.save_and_keep_only(num_to_keep=1) there (deleting the FP32
+    checkpoint) and overwrite wer_file. Every such layout is refused before any work."""
+    brain, hparams, test, out = train(tmp_path, "checkpoint")
+    elsewhere = tmp_path / "logs"
+    elsewhere.mkdir()
+    (elsewhere / "test_log.txt").write_text("FP32 test log\n")
+    hparams["test_log"] = str(elsewhere / "test_log.txt")
+    folder = {"output_folder": out, "parent": tmp_path, "checkpoint": out / "checkpoint" / "q",
+              "test_log_folder": elsewhere}[layout]
+    ckpt_before = checkpoint_digests(out / "checkpoint")
+    wer_before = (out / "wer_test.txt").read_bytes()
+    files_before = sorted(str(p) for p in tmp_path.rglob("*"))
+    hp = {**hparams, "quantize": "esc",
+          "quantization": {"output_folder": str(folder), "n_samples": 8, "budget": 2}}
+    safe = str(out / "quantized" / "esc_w8a8")
+    with pytest.raises(ConfigError, match="not safe") as err:
+        quantize_brain(brain, hp, make_data(8, 4), test_set=test, loader_kwargs={"batch_size": 8},
+                       progress=False)
+    assert safe in str(err.value)
+    assert checkpoint_digests(out / "checkpoint") == ckpt_before and len(ckpt_before) > 0
+    assert (out / "wer_test.txt").read_bytes() == wer_before
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == files_before  # nothing written at all
+
+    # The folder the error names is safe: the FP32 checkpoint and wer_file stay byte-identical.
+    hp["quantization"]["output_folder"] = safe
+    quantize_brain(brain, hp, make_data(8, 4), test_set=test, loader_kwargs={"batch_size": 8},
+                   progress=False)
+    assert checkpoint_digests(out / "checkpoint") == ckpt_before
+    assert (out / "wer_test.txt").read_bytes() == wer_before
+    assert (out / "quantized" / "esc_w8a8" / "wer_test.txt").is_file()
+
+
+@pytest.mark.parametrize("key, right", [("quantisation", "quantization"), ("quantizaton", "quantization"),
+                                        ("Quantization", "quantization"), ("quantise", "quantize")])
+def test_misspelt_stage_key_names_the_right_one(trained, key, right):
+    brain, hparams, test, out = trained
+    hp = {**hparams, "quantize": "esc", key: {"bits": 4}} if right == "quantization" else \
+        {**hparams, key: "esc"}
+    with pytest.raises(ConfigError, match=f"misspelt '{right}'.*rename it to '{right}'"):
+        quantize_brain(brain, hp, make_data(8, 4), loader_kwargs={"batch_size": 8}, progress=False)
+    assert not (out / "quantized").exists()
+
+
+def test_a_module_named_like_the_key_is_not_a_typo(trained):
+    brain, hparams, test, out = trained
+    # e.g. wav2vec2's `quantiser:` (a module), with quantization off: nothing to complain about.
+    hp = {**hparams, "quantiser": torch.nn.Linear(2, 2)}
+    assert quantize_brain(brain, hp, make_data(8, 4)) is None

@@ -2,7 +2,9 @@
 
 The ``quantization`` block holds :class:`~esc_plugin.QuantConfig` options plus
 a few stage options (where to write, which metric to optimise). Everything is
-checked here, so a typo fails before calibration starts.
+checked here, so a typo fails before calibration starts. The valid
+``quantize:`` values are read from the calibrator and preset registries when
+the settings are read, so a calibrator registered by the user is accepted.
 
 Example
 -------
@@ -14,23 +16,36 @@ Example
 >>> read_settings({"quantize": "esc", "quantization": {"bits": 4, "init": "best"},
 ...                "output_folder": "results/run"}).output_folder  # variants get their own folder
 'results/run/quantized/esc_initbest_w4a4'
+>>> read_settings({"quantize": "esc_initbest", "output_folder": "results/run"}).tag  # a preset name
+'esc_initbest_w8a8'
 >>> read_settings({"quantize": "none"}) is None
 True
 >>> read_settings({"quantize": "int8"})
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc (e.g. `--quantize=esc`).
+esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, esc_initbest (e.g. `--quantize=esc`).
+>>> read_settings({"quantize": "esc", "quantisation": {"bits": 4}})
+Traceback (most recent call last):
+...
+esc_plugin.core.errors.ConfigError: hparams key 'quantisation' looks like a misspelt 'quantization' (the stage reads only 'quantization', so this block would be ignored): rename it to 'quantization'.
 """
+import difflib
 import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..core.config import METHODS, QuantConfig
+from ..core.config import QuantConfig
 from ..core.errors import ConfigError
 
-CHOICES = ("none",) + METHODS
 # Stage options that are not QuantConfig fields.
 STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better")
+KEYS = ("quantize", "quantization")
+
+
+def quantize_choices():
+    """Values of ``quantize:``: ``none``, every registered calibrator, then the named presets."""
+    from ..core.presets import preset_names
+    return ("none",) + tuple(preset_names())
 
 
 @dataclass
@@ -43,6 +58,31 @@ class StageSettings:
     metric: Optional[str] = None
     metric_key: Optional[str] = None
     higher_is_better: Optional[bool] = None
+    tag: str = ""
+    default_folder: Optional[str] = None
+
+
+def check_key_spelling(hparams):
+    """A top-level key close to ``quantize`` / ``quantization`` while the real key is
+    absent is a typo whose block would be silently ignored: an error naming the key.
+
+    Only values shaped like the stage's (a mapping or nothing for ``quantization``,
+    a string or nothing for ``quantize``) count, so e.g. a wav2vec2 ``quantiser``
+    module is not mistaken for one.
+    """
+    for key in KEYS:
+        if key in hparams:
+            continue
+        for other in difflib.get_close_matches(key, [k for k in hparams if isinstance(k, str)], n=3,
+                                               cutoff=0.8):
+            if other in KEYS:
+                continue
+            value = hparams[other]
+            shaped = (value is None or isinstance(value, dict)) if key == "quantization" else \
+                (value is None or isinstance(value, (str, bool)))
+            if shaped:
+                raise ConfigError(f"hparams key {other!r} looks like a misspelt {key!r} (the stage reads "
+                                  f"only {key!r}, so this block would be ignored): rename it to {key!r}.")
 
 
 def read_settings(hparams):
@@ -58,13 +98,20 @@ def read_settings(hparams):
     -------
     StageSettings or None
     """
+    from ..core.presets import label_of, preset_options
+    from ..core.registry import get_calibrator
+
+    check_key_spelling(hparams)
     method = hparams.get("quantize", "none")
     method = "none" if method in (None, False) else str(method).lower()
-    if method not in CHOICES:
-        raise ConfigError(f"quantize: {method!r} is not a calibrator: use one of {', '.join(CHOICES)} "
-                          "(e.g. `--quantize=esc`).")
     if method == "none":
+        # Before any registry read: the built-in calibrators import modelopt (slow), and a
+        # recipe run without quantization should not pay for it.
         return None
+    choices = quantize_choices()
+    if method not in choices:
+        raise ConfigError(f"quantize: {method!r} is not a calibrator: use one of {', '.join(choices)} "
+                          "(e.g. `--quantize=esc`).")
     block = hparams.get("quantization") or {}
     if not isinstance(block, dict):
         raise ConfigError(f"quantization: must be a mapping of options, got {type(block).__name__}.")
@@ -79,20 +126,23 @@ def read_settings(hparams):
         raise ConfigError(f"quantization: unknown option(s) {unknown}; valid options are {known}.")
     if isinstance(block.get("exclude"), str):
         block["exclude"] = [block["exclude"]]
-    config = QuantConfig(method=method, **block)
-    folder = stage.get("output_folder")
+    options = preset_options(method)  # a preset name brings its options; the block overrides them
+    options.update(block)
+    config = QuantConfig(**options)
+    calibrator = config.method
+    # Stage-only variants (not QuantConfig presets) get their own folder too, never overwriting plain runs.
+    suffix = "".join(s for s, on in (
+        ("_loss", stage.get("metric") == "loss" and get_calibrator(calibrator).objective != "none"),
+        ("_attn", config.quantize_attention), ("_emb", config.quantize_embeddings)) if on)
+    tag = f"{label_of(config)}{suffix}_w{config.weight_bits}a{config.act_bits}"
+    default = (os.path.join(str(hparams["output_folder"]), "quantized", tag)
+               if hparams.get("output_folder") else None)
+    folder = stage.get("output_folder") or default
     if not folder:
-        if not hparams.get("output_folder"):
-            raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
-                              "so the stage knows where to write the quantized model.")
-        # variants never overwrite the plain runs
-        variant = "".join(suffix for suffix, on in (
-            ("_initbest", method == "esc" and config.init == "best"),
-            ("_loss", stage.get("metric") == "loss" and method in ("esc", "percentile")),
-            ("_attn", config.quantize_attention), ("_emb", config.quantize_embeddings)) if on)
-        tag = f"{method}{variant}_w{config.weight_bits}a{config.act_bits}"
-        folder = os.path.join(str(hparams["output_folder"]), "quantized", tag)
+        raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
+                          "so the stage knows where to write the quantized model.")
     hib = stage.get("higher_is_better")
     if hib is not None and not isinstance(hib, bool):
         raise ConfigError(f"quantization: higher_is_better must be true or false, got {hib!r}.")
-    return StageSettings(method, config, str(folder), stage.get("metric"), stage.get("metric_key"), hib)
+    return StageSettings(calibrator, config, str(folder), stage.get("metric"), stage.get("metric_key"), hib,
+                         tag, default)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import speechbrain as sb
 from speechbrain.utils.checkpoints import Checkpointer
-from speechbrain.utils.train_logger import FileTrainLogger
 
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
 from .binding import bound_modules
-from .metric import LOSS, check_direction, choose_tracker, read_value
+from .metric import LOSS, choose_tracker, read_value, resolve_direction
+from .outputs import check_output_folder, redirect_outputs, restore_outputs
 from .settings import read_settings
 
 TEST = sb.Stage.TEST
@@ -88,10 +88,10 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     settings = read_settings(hparams)
     if settings is None:
         return None
+    cfg, folder = settings.config, settings.output_folder
+    check_output_folder(brain, hparams, settings)  # first: nothing may touch an FP32 file
     # modelopt (behind core.api) takes ~15 s to import: only pay it when quantizing.
     from ..core.api import quantize
-    cfg, folder = settings.config, settings.output_folder
-    _check_output_folder(brain, folder)
     n = cfg.n_samples
     if len(calib_set) < n:
         raise ConfigError(f"the calibration set has {len(calib_set)} items but quantization.n_samples={n}: "
@@ -99,12 +99,15 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     loader_kwargs = dict(loader_kwargs or {})
     batches = _calibration_batches(brain, calib_set, n, loader_kwargs)
 
-    # Which metric is the objective, checked before any calibration work.
+    # Which metric is the objective, and its direction, checked before any calibration work.
     brain.modules.eval()
     brain.on_stage_start(TEST, epoch=None)
-    metric_name = choose_tracker(brain, settings.metric)
+    metric_name, notes = choose_tracker(brain, settings.metric)
+    hib = settings.higher_is_better
     if metric_name != LOSS:
-        check_direction(getattr(brain, metric_name), settings.metric_key, settings.higher_is_better)
+        hib, note = resolve_direction(metric_name, getattr(brain, metric_name), settings.metric_key, hib)
+        notes += [note] if note else []
+    objective_spec = (metric_name, settings.metric_key, hib)
 
     def run_batches(modules):
         with bound_modules(brain, modules), torch.no_grad():
@@ -119,26 +122,31 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         losses = run_batches(modules)
         if metric_name == LOSS:
             return sum(losses) / len(losses)
-        return read_value(getattr(brain, metric_name), settings.metric_key, settings.higher_is_better)
+        return read_value(getattr(brain, metric_name), settings.metric_key, hib)
 
-    fp32_stats = _float_dict(getattr(brain, "test_stats", None))
     fp32_objective = objective(brain.modules)
     qmodules = quantize(brain.modules, cfg, forward_loop=forward_loop, objective=objective, progress=progress)
     report = qmodules.esc_report
     report.objective.setdefault("fp32", fp32_objective)
     report.notes.append(f"calibration: first {n} items of calib_set; objective: {metric_name}"
                         + (f"[{settings.metric_key}]" if settings.metric_key else ""))
+    report.notes.extend(notes)
 
     save_quantized(qmodules, folder)
-    metrics = {"method": settings.method, "bits": f"W{cfg.weight_bits}A{cfg.act_bits}",
-               "objective_name": metric_name,
+    metrics = {"method": settings.method, "label": settings.tag,
+               "bits": f"W{cfg.weight_bits}A{cfg.act_bits}", "objective_name": metric_name,
+               "higher_is_better": hib, "notes": notes,
                "calibration_objective": {"fp32": fp32_objective, "quantized": (
                    report.objective["chosen"] if "chosen" in report.objective else objective(qmodules))},
-               "fp32": fp32_stats, "quantized": None,
+               "fp32": _float_dict(brain.__dict__.get("test_stats")), "quantized": None,
                "seconds": report.timings.get("total")}
     if test_set is not None:
-        metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, metric_name,
-                                         settings)
+        if metrics["fp32"] is None:
+            # The recipe's Brain keeps no test_stats (SpeechBrain's templates only log them):
+            # evaluate the FP32 modules too, its outputs also kept out of the FP32 run's files.
+            metrics["fp32"] = _evaluate(brain, brain.modules, test_set, loader_kwargs,
+                                        os.path.join(folder, "fp32_test"), objective_spec)
+        metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, objective_spec)
     write_json(os.path.join(folder, "metrics.json"), metrics)
     return StageResult(folder, qmodules, report, metrics)
 
@@ -204,34 +212,33 @@ def _calibration_batches(brain, calib_set, n, loader_kwargs):
     return batches
 
 
-def _check_output_folder(brain, folder):
-    ckpt = getattr(brain, "checkpointer", None)
-    ckpt_dir = getattr(ckpt, "checkpoints_dir", None)
-    if ckpt_dir is not None:
-        a, b = os.path.realpath(folder), os.path.realpath(str(ckpt_dir))
-        if a == b or a.startswith(b + os.sep):
-            raise ConfigError(f"quantization: output_folder {folder} is inside the FP32 checkpoint folder "
-                              f"{ckpt_dir}: choose another folder (the FP32 checkpoint is never written to).")
-
-
-def _evaluate(brain, qmodules, test_set, loader_kwargs, folder, metric_name, settings):
-    """``brain.evaluate`` with the quantized modules; its log and files go to ``folder``."""
-    saved = _redirect_outputs(brain, folder)
-    fp32_stats = brain.__dict__.get("test_stats")
+def _evaluate(brain, modules, test_set, loader_kwargs, folder, objective_spec):
+    """``brain.evaluate`` with ``modules``; its log and files go to ``folder``. Returns the test
+    stats the recipe logged (or kept in ``test_stats``) and the objective tracker's value."""
+    metric_name, key, hib = objective_spec
+    saved, logger = redirect_outputs(brain, folder)
+    missing = object()
+    before = brain.__dict__.get("test_stats", missing)
     try:
-        with bound_modules(brain, qmodules):
-            # No checkpoint recovery here: on_evaluate_start would reload FP32 weights into the
+        with bound_modules(brain, modules):
+            # No checkpoint recovery: on_evaluate_start would reload FP32 weights into the
             # original modules only (harmless), but we skip it so nothing touches the FP32 files.
             with _no_recovery(brain):
-                brain.evaluate(test_set, test_loader_kwargs=dict(loader_kwargs), progressbar=None)
-            result = _float_dict(getattr(brain, "test_stats", None)) or {}
+                loss = brain.evaluate(test_set, test_loader_kwargs=dict(loader_kwargs), progressbar=None)
+            after = brain.__dict__.get("test_stats", missing)
+            stats = after if after is not missing and after is not before else \
+                (logger.test_stats if logger is not None else None)
+            result = _float_dict(stats) or {}
+            if "loss" not in result and loss is not None:
+                result["loss"] = float(loss)
             if metric_name != LOSS:
-                result[f"{metric_name}_objective"] = read_value(getattr(brain, metric_name),
-                                                                settings.metric_key, settings.higher_is_better)
+                result[f"{metric_name}_objective"] = read_value(getattr(brain, metric_name), key, hib)
     finally:
-        _restore_outputs(brain, saved)
-        if fp32_stats is not None:
-            brain.test_stats = fp32_stats
+        restore_outputs(brain, saved)
+        if before is missing:
+            brain.__dict__.pop("test_stats", None)
+        else:
+            brain.test_stats = before
     return result
 
 
@@ -243,27 +250,6 @@ def _no_recovery(brain):
         yield
     finally:
         brain.on_evaluate_start = original
-
-
-def _redirect_outputs(brain, folder):
-    """Send the test logger and output files named in hparams into ``folder``,
-    so the quantized evaluation never overwrites the FP32 run's files."""
-    hp = vars(brain.hparams) if hasattr(brain.hparams, "__dict__") else {}
-    out = str(hp.get("output_folder", "")) or None
-    saved = {}
-    for key, value in list(hp.items()):
-        if isinstance(value, FileTrainLogger):
-            saved[key] = value
-            hp[key] = FileTrainLogger(os.path.join(folder, "log.txt"))
-        elif (isinstance(value, str) and out and os.path.splitext(value)[1]
-              and os.path.realpath(value).startswith(os.path.realpath(out) + os.sep)):
-            saved[key] = value
-            hp[key] = os.path.join(folder, os.path.basename(value))
-    return saved
-
-
-def _restore_outputs(brain, saved):
-    vars(brain.hparams).update(saved)
 
 
 def _float_dict(stats):
