@@ -10,6 +10,9 @@ Rows (each at every ``--bits``):
   outputs) and the selection guard (20 % of the calibration samples held back);
 * ``esc_distill_noguard``: the same without the guard;
 * ``esc_distill_bc`` / ``esc_distill_sq_bc``: plus bias correction, plus SmoothQuant;
+* ``esc_recommended`` (label-free, started from the best of init and
+  baselines, σ0 = 0.3) and ``_wc`` (plus the ``weight_clip`` pass), and
+  ``entropy_wc`` (the entropy baseline with ``weight_clip``);
 * ``nncf``: Intel NNCF ``nncf.quantize`` (INT8 default preset; W8A8 only) on
   the same calibration batches (``pip install -e ".[peers]"``).
 
@@ -43,6 +46,10 @@ VARIANTS = {
     "esc_distill_noguard": ({"method": "esc", "selection_split": None}, False),
     "esc_distill_bc": ({"method": "esc", "ptq": ("bias_correction",)}, False),
     "esc_distill_sq_bc": ({"method": "esc", "ptq": ("smoothquant", "bias_correction")}, False),
+    # the search settings benchmarks/search_settings.py found to generalise (see its results)
+    "esc_recommended": ({"method": "esc", "init": "best", "sigma0": 0.3}, False),
+    "esc_recommended_wc": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("weight_clip",)}, False),
+    "entropy_wc": ({"method": "entropy", "ptq": ("weight_clip",)}, True),
 }
 
 

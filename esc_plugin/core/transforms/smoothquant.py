@@ -29,7 +29,6 @@ Example
 import torch
 
 from ..errors import ConfigError
-from ..quantizers import calibrate_weight
 from ..registry import register_transform
 
 _MIN, _MAX = 1e-5, 1e5
@@ -122,6 +121,8 @@ class SmoothQuant:
 
 @torch.no_grad()
 def _smooth(point, s):
+    from ..quantizers import calibrate_weight  # modelopt: only when a model is quantized
+
     w = point.module.weight
     s = s.to(device=w.device, dtype=w.dtype)
     shape = [1] * w.dim()

@@ -11,7 +11,6 @@ paper; ``QuantConfig(ptq=("weight_clip",))``. No calibration pass.
 """
 import torch
 
-from ..functional import _safe
 from ..numerics import MIN_AMAX, fake_quant
 from ..registry import register_transform
 from ..state import module_weight_quantizers
@@ -24,6 +23,8 @@ def _weights(module, attr):
 
 
 def _param_name(module, key):
+    from ..functional import _safe  # modelopt: only when a model is quantized
+
     return next(n for n in module.esc_params if _safe(n) == key)
 
 
