@@ -27,8 +27,10 @@ from .manifest import (SPEECH_COMMANDS_WORDS, read_manifest, speech_commands_man
 _LAZY = {
     "quantize_asr_model": ".quantize",
     "QUANTIZE_CHOICES": ".quantize",
+    "quantize_choices": ".quantize",
     "quantization_config": ".quantize",
-    "is_quantized_asr_model": ".quantize",
+    "is_quantized_asr_model": ".model",
+    "QuantizedASRModel": ".model",
     "ASRFeatureCache": ".features",
     "save_quantized_asr_model": ".save_restore",
     "restore_quantized_asr_model": ".save_restore",

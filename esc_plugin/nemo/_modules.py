@@ -1,4 +1,8 @@
-"""Model-level helpers: NeMo import, evaluation mode, deep-copy preparation.
+"""NeMo-specific model helpers: NeMo import, CTC check, deep-copy preparation.
+
+The generic copy / rebind helpers (:func:`evaluation_mode`,
+:func:`rebind_copied_forwards`, :func:`~esc_plugin.binding.detached_attributes`)
+live in :mod:`esc_plugin.binding` and are re-exported here.
 
 NeMo's ``CausalConv1D`` / ``CausalConv2D`` (``nn.Conv1d`` / ``nn.Conv2d``
 subclasses that pad in their own ``forward``) need nothing here: the core's
@@ -7,9 +11,12 @@ conv wrapper quantizes inside ``_conv_forward`` and keeps the subclass's
 """
 import contextlib
 
-import torch
-
+from ..binding import detached_attributes, evaluation_mode, is_instrumentation, rebind_copied_forwards
 from .errors import NemoModelError
+
+#: ModelPT attributes a deep copy must not take: the Lightning trainer, its data and optimizer.
+TRAINING_STATE = ("_trainer", "_train_dl", "_validation_dl", "_test_dl", "_optimizer", "_scheduler")
+
 
 def import_nemo_asr():
     """``nemo.collections.asr`` (imported on first use: it takes 15-30 s), with an install hint."""
@@ -39,31 +46,6 @@ def check_ctc_model(asr_model):
     return asr_model
 
 
-@contextlib.contextmanager
-def evaluation_mode(module):
-    """``module.eval()`` inside the block; every submodule's previous mode is restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _is_instrumentation(model, name, value):
-    """An instance attribute that wraps one of the class's methods (e.g. a ``wrapt`` proxy)."""
-    try:
-        import wrapt
-        proxy = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)  # wrapt 2 / wrapt 1
-        if isinstance(value, proxy):
-            return True
-    except ImportError:  # pragma: no cover (a NeMo dependency)
-        pass
-    return callable(value) and callable(getattr(type(model), name, None))
-
-
-@contextlib.contextmanager
 def without_training_state(asr_model):
     """Detach the Lightning trainer, dataloaders, optimizer and instrumentation while the model is
     deep-copied (``esc.quantize`` / ``esc.load`` copy it); restored on exit.
@@ -72,40 +54,18 @@ def without_training_state(asr_model):
     copied: after ``trainer.fit`` NeMo's telemetry (nv_one_logger) wraps the instance's
     ``training_step`` in a ``wrapt`` proxy, and proxies refuse ``deepcopy``.
     """
-    names = ("_trainer", "_train_dl", "_validation_dl", "_test_dl", "_optimizer", "_scheduler")
-    state = asr_model.__dict__
-    saved = {n: state[n] for n in names if state.get(n) is not None}
-    saved.update({k: v for k, v in state.items()
-                  if k not in saved and not k.startswith("_") and _is_instrumentation(asr_model, k, v)})
-    for n in saved:
-        if n in names:
-            state[n] = None
-        else:
-            del state[n]
-    try:
+    return detached_attributes(asr_model, TRAINING_STATE, instrumentation=True)
+
+
+@contextlib.contextmanager
+def quantizable(asr_model):
+    """The FP32 model prepared for ``esc.quantize`` / ``esc.load`` (restored on exit):
+    no training state, eval mode."""
+    with without_training_state(asr_model), evaluation_mode(asr_model):
         yield asr_model
-    finally:
-        state.update(saved)
 
 
-def rebind_copied_forwards(model):
-    """Point decorated instance ``forward`` attributes of a deep copy back at the copy.
+_is_instrumentation = is_instrumentation  # former private name
 
-    NeMo's ``FilterbankFeatures`` (the mel front end) sets
-    ``self.forward = torch.no_grad()(self.forward)`` in ``__init__``: an instance
-    attribute wrapping a bound method. ``copy.deepcopy`` copies the wrapper
-    function by reference, so the copy's featurizer would keep running the
-    *original* module (its mode included: a training-mode original dithers the
-    copy's features). Each such wrapper (``__wrapped__`` bound to another object)
-    is rebuilt around the copy's own method. Returns the number rebound.
-    """
-    import types
-
-    n = 0
-    for m in model.modules():
-        fwd = m.__dict__.get("forward")
-        wrapped = getattr(fwd, "__wrapped__", None)
-        if isinstance(wrapped, types.MethodType) and wrapped.__self__ is not m:
-            m.__dict__["forward"] = torch.no_grad()(types.MethodType(wrapped.__func__, m))
-            n += 1
-    return n
+__all__ = ["import_nemo_asr", "check_ctc_model", "without_training_state", "evaluation_mode",
+           "rebind_copied_forwards", "quantizable", "TRAINING_STATE"]

@@ -22,12 +22,8 @@ from pathlib import Path
 from ..core.io import atomic_path
 from ..export import ExportError, check_exportable, export_context, op_counts
 from ..export.onnx import METADATA_PREFIX
-
-
-def _base_export(qmodel):
-    """NeMo's ``Exportable.export`` of the original class (skipping :class:`QuantizedASRModel`)."""
-    from .quantize import QuantizedASRModel
-    return super(QuantizedASRModel, qmodel).export
+from .model import base_export as _base_export
+from .model import is_quantized_asr_model
 
 
 def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=False, use_dynamo=False,
@@ -50,7 +46,6 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
     """
     import onnx
 
-    from .quantize import is_quantized_asr_model
     if not is_quantized_asr_model(qmodel):
         raise ExportError(f"{type(qmodel).__name__} is not quantized by esc_plugin.nemo: export FP32 "
                           "models with NeMo's model.export, quantized ones after quantize_asr_model.")

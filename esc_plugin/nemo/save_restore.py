@@ -26,8 +26,9 @@ import tempfile
 import esc_plugin as esc
 
 from ..core.io import atomic_path
-from ._modules import import_nemo_asr
+from ._modules import import_nemo_asr, quantizable, rebind_copied_forwards
 from .errors import NemoModelError
+from .model import is_quantized_asr_model, quantized_class
 
 STATE_FILE = "esc_quantization.pt"
 CONFIG_KEY = "esc_quantization"
@@ -59,7 +60,6 @@ def _connector_class():
         """NeMo ``SaveRestoreConnector`` for esc_plugin-quantized models (see the module doc)."""
 
         def save_to(self, model, save_path):
-            from .quantize import is_quantized_asr_model
             if not is_quantized_asr_model(model):
                 raise NemoModelError(f"{type(model).__name__} is not quantized: save FP32 models with "
                                      "NeMo's default connector (model.save_to).")
@@ -117,9 +117,16 @@ def _connector_class():
     return QuantizedSaveRestoreConnector
 
 
+def as_quantized_asr_model(qmodel):
+    """Give a model from ``esc.quantize`` / ``esc.load`` the quantized NeMo class and connector."""
+    rebind_copied_forwards(qmodel)  # the copy's mel front end must run the copy, not the FP32 model
+    qmodel.__class__ = quantized_class(type(qmodel))
+    qmodel._save_restore_connector = _connector_class()()
+    return qmodel
+
+
 def load_quantization_state(asr_model, state_path):
     """``esc.load`` for a NeMo model: the quantized copy of ``asr_model`` from an ``esc.save`` file."""
-    from .quantize import as_quantized_asr_model, quantizable
     with quantizable(asr_model):
         qmodel = esc.load(asr_model, state_path)
     return as_quantized_asr_model(qmodel)
@@ -127,7 +134,6 @@ def load_quantization_state(asr_model, state_path):
 
 def save_quantized_asr_model(qmodel, save_path):
     """Write ``qmodel`` (from :func:`~esc_plugin.nemo.quantize_asr_model`) to a new ``.nemo``; returns the path."""
-    from .quantize import is_quantized_asr_model
     if not is_quantized_asr_model(qmodel):
         raise NemoModelError(f"{type(qmodel).__name__} is not a quantized NeMo model: pass the model "
                              "returned by esc_plugin.nemo.quantize_asr_model.")
