@@ -38,7 +38,7 @@ from ..core.config import QuantConfig
 from ..core.errors import ConfigError
 
 # Stage options that are not QuantConfig fields.
-STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better")
+STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better", "cache_front_end")
 KEYS = ("quantize", "quantization")
 
 
@@ -60,6 +60,7 @@ class StageSettings:
     higher_is_better: Optional[bool] = None
     tag: str = ""
     default_folder: Optional[str] = None
+    cache_front_end: bool = True
 
 
 def check_key_spelling(hparams):
@@ -144,5 +145,8 @@ def read_settings(hparams):
     hib = stage.get("higher_is_better")
     if hib is not None and not isinstance(hib, bool):
         raise ConfigError(f"quantization: higher_is_better must be true or false, got {hib!r}.")
+    cache = stage.get("cache_front_end", True)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"quantization: cache_front_end must be true or false, got {cache!r}.")
     return StageSettings(calibrator, config, str(folder), stage.get("metric"), stage.get("metric_key"), hib,
-                         tag, default)
+                         tag, default, cache)

@@ -23,6 +23,7 @@ from speechbrain.utils.checkpoints import Checkpointer
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
 from .binding import bound_modules
+from .frontcache import FrontEndCache
 from .metric import LOSS, choose_tracker, read_value, resolve_direction
 from .outputs import check_output_folder, redirect_outputs, restore_outputs
 from .settings import read_settings
@@ -109,10 +110,17 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         notes += [note] if note else []
     objective_spec = (metric_name, settings.metric_key, hib)
 
+    cache = FrontEndCache(brain, cfg.exclude) if settings.cache_front_end else None
+
     def run_batches(modules):
-        with bound_modules(brain, modules), torch.no_grad():
+        with bound_modules(brain, modules), torch.no_grad(), \
+                (cache.applied(brain, modules) if cache else contextlib.nullcontext()):
             brain.on_stage_start(TEST, epoch=None)
-            losses = [float(brain.evaluate_batch(b, stage=TEST)) for b in batches]
+            losses = []
+            for i, b in enumerate(batches):
+                if cache:
+                    cache.start_batch(i)
+                losses.append(float(brain.evaluate_batch(b, stage=TEST)))
         return losses
 
     def forward_loop(modules):
@@ -124,13 +132,15 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
             return sum(losses) / len(losses)
         return read_value(getattr(brain, metric_name), settings.metric_key, hib)
 
-    fp32_objective = objective(brain.modules)
+    fp32_objective = objective(brain.modules)  # also records the front-end cache
+    if cache:
+        cache.recording = False
     qmodules = quantize(brain.modules, cfg, forward_loop=forward_loop, objective=objective, progress=progress)
     report = qmodules.esc_report
     report.objective.setdefault("fp32", fp32_objective)
     report.notes.append(f"calibration: first {n} items of calib_set; objective: {metric_name}"
                         + (f"[{settings.metric_key}]" if settings.metric_key else ""))
-    report.notes.extend(notes)
+    report.notes.extend(notes + ([cache.note()] if cache else []))
 
     save_quantized(qmodules, folder)
     metrics = {"method": settings.method, "label": settings.tag,
@@ -206,7 +216,8 @@ def _calibration_batches(brain, calib_set, n, loader_kwargs):
     kwargs = {k: v for k, v in loader_kwargs.items() if k != "ckpt_prefix"}
     kwargs["shuffle"] = False
     loader = brain.make_dataloader(subset, TEST, ckpt_prefix=None, **kwargs)
-    batches = list(loader)
+    # On the device once: the recipe's own ``batch.to(self.device)`` is then a no-op per evaluation.
+    batches = [b.to(brain.device) if hasattr(b, "to") else b for b in loader]
     if not batches:
         raise CalibrationError("the calibration loader produced no batch: check calib_set and loader_kwargs.")
     return batches
