@@ -408,3 +408,22 @@ def test_weight_clip_lowers_the_weight_error_and_reloads(kws, tmp_path):
     again = esc.load(model, esc.save(clip, tmp_path / "wc.pt"))
     with torch.no_grad():
         assert torch.equal(again(data[0]), clip(data[0]))
+
+
+def test_smoothquant_leaves_tied_weights_alone():
+    class Tied(nn.Module):  # a vocabulary projection tied to the embedding, as in Whisper
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm, self.head = nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(self.norm(self.emb(tokens)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    tokens = torch.randint(0, 10, (4, 6))
+    q = esc.quantize(model, esc.QuantConfig(method="max", ptq=("smoothquant",)), lambda m: m(tokens),
+                     progress=False)
+    assert torch.equal(q.emb.weight, model.emb.weight)  # the embedding table is not rescaled
+    assert not torch.equal(q.head.weight, model.head.weight)

@@ -206,7 +206,10 @@ def _errors(ref, got, fp32):
             "max_ref": float(np.abs(ref).max())}
 
 
-@pytest.mark.parametrize("batch,time", [(3, 37), (1, 9)])
+# Lengths where no activation lies within float rounding of a quantization tie: the Conformer's
+# positional input (amax exactly 1.0) has near-ties at some lengths (e.g. 9, 31), where torch's
+# fake quantization and ORT's QuantizeLinear may round one value to neighbouring levels.
+@pytest.mark.parametrize("batch,time", [(3, 37), (1, 11)])
 def test_ort_dynamic_shapes_match_simulation(exported, batch, time):
     cls, qmodel, model = exported["cls"], exported["qmodel"], exported["model"]
     x = features(cls, batch, time, seed=100 + batch)  # not the export example's (2, 16)

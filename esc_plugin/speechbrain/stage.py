@@ -112,12 +112,14 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
 
     cache = FrontEndCache(brain, cfg.exclude) if settings.cache_front_end else None
 
-    def run_batches(modules):
+    def run_batches(modules, indices=None):
         with bound_modules(brain, modules), torch.no_grad(), \
                 (cache.applied(brain, modules) if cache else contextlib.nullcontext()):
             brain.on_stage_start(TEST, epoch=None)
             losses = []
             for i, b in enumerate(batches):
+                if indices is not None and i not in indices:
+                    continue
                 if cache:
                     cache.start_batch(i)
                 losses.append(float(brain.evaluate_batch(b, stage=TEST)))
@@ -126,11 +128,13 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     def forward_loop(modules):
         run_batches(modules)
 
-    def objective(modules):
-        losses = run_batches(modules)
+    def objective_on(modules, indices=None):
+        losses = run_batches(modules, indices)
         if metric_name == LOSS:
             return sum(losses) / len(losses)
         return read_value(getattr(brain, metric_name), settings.metric_key, hib)
+
+    objective = _SplitByBatch(objective_on, len(batches))
 
     fp32_objective = objective(brain.modules)  # also records the front-end cache
     if cache:
@@ -159,6 +163,25 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, objective_spec)
     write_json(os.path.join(folder, "metrics.json"), metrics)
     return StageResult(folder, qmodules, report, metrics)
+
+
+class _SplitByBatch:
+    """The recipe's metric on the calibration batches; with two or more batches it can be split
+    (every k-th batch held back) for the core's selection guard."""
+
+    def __init__(self, fn, n_batches):
+        self.fn, self.n = fn, n_batches
+        if n_batches < 2:
+            self.split = None  # one batch: nothing to hold back (the core notes the guard is off)
+
+    def __call__(self, modules):
+        return self.fn(modules)
+
+    def split(self, fraction):
+        every = max(2, min(round(1 / fraction), self.n))
+        held = {i for i in range(self.n) if i % every == every - 1}
+        rest = set(range(self.n)) - held
+        return (lambda m: self.fn(m, rest)), (lambda m: self.fn(m, held))
 
 
 def save_quantized(qmodules, folder):

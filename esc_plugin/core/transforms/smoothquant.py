@@ -127,6 +127,8 @@ def _smooth(point, s):
     s = s.to(device=w.device, dtype=w.dtype)
     shape = [1] * w.dim()
     shape[1] = -1
-    w.mul_(s.view(shape))
+    # A new parameter, never an in-place change: the weight may be tied to another module's
+    # (Whisper's vocabulary projection is its token embedding), which must stay as it is.
+    point.module.weight = torch.nn.Parameter(w.detach() * s.view(shape), requires_grad=w.requires_grad)
     point.input_quantizer.set_pre_scale(s, _axis(point))
-    calibrate_weight(point.module.weight_quantizer, w)
+    calibrate_weight(point.module.weight_quantizer, point.module.weight)
