@@ -19,8 +19,11 @@ True
 """
 from .errors import ConfigError
 
-# name -> QuantConfig options (must include "method")
-_PRESETS = {"esc_initbest": {"method": "esc", "init": "best"}}
+# name -> QuantConfig options (must include "method"); the more specific first (label_of takes
+# the first match). esc_recommended: the search settings benchmarks/search_settings.py found to
+# generalise best on the real models measured so far (see the README's quality results).
+_PRESETS = {"esc_recommended": {"method": "esc", "init": "best", "sigma0": 0.3},
+            "esc_initbest": {"method": "esc", "init": "best"}}
 # options that make a variant, with the suffix they add to the method's name
 _SUFFIXES = (("init", "best", "_initbest"),)
 
