@@ -230,3 +230,20 @@ def test_a_module_named_like_the_key_is_not_a_typo(trained):
     # e.g. wav2vec2's `quantiser:` (a module), with quantization off: nothing to complain about.
     hp = {**hparams, "quantiser": torch.nn.Linear(2, 2)}
     assert quantize_brain(brain, hp, make_data(8, 4)) is None
+
+
+def test_stage_label_free_objective(trained):
+    brain, hparams, test, out = trained
+    before = checkpoint_digests(out / "save")
+    hparams.update(quantize="esc", quantization={"bits": 8, "budget": 6, "n_samples": 24, "seed": 0,
+                                                 "objective": "distill"})
+    result = quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test,
+                            loader_kwargs={"batch_size": 8}, progress=False)
+    assert result.folder.endswith("esc_distill_w8a8")
+    assert any("distillation to the FP32 outputs" in n for n in result.report.notes)
+    metrics = json.loads(open(os.path.join(result.folder, "metrics.json")).read())
+    assert metrics["quantized"]["accuracy"] >= 0.9 and metrics["calibration_objective"]["quantized"] is not None
+    assert checkpoint_digests(out / "save") == before
+    hparams.update(quantization={"objective": "labels"})
+    with pytest.raises(ConfigError, match="'metric'.*'distill'"):
+        quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test, progress=False)

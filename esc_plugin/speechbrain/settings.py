@@ -38,7 +38,10 @@ from ..core.config import QuantConfig
 from ..core.errors import ConfigError
 
 # Stage options that are not QuantConfig fields.
-STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better", "cache_front_end")
+STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better", "cache_front_end", "objective")
+# objective: "metric" (the recipe's MetricStats, default) or "distill" (label-free: distance of the
+# quantized modules' outputs to the FP32 ones on the calibration batches; the metric is still reported)
+OBJECTIVES = ("metric", "distill")
 KEYS = ("quantize", "quantization")
 
 
@@ -61,6 +64,7 @@ class StageSettings:
     tag: str = ""
     default_folder: Optional[str] = None
     cache_front_end: bool = True
+    objective: str = "metric"
 
 
 def check_key_spelling(hparams):
@@ -134,6 +138,7 @@ def read_settings(hparams):
     # Stage-only variants (not QuantConfig presets) get their own folder too, never overwriting plain runs.
     suffix = "".join(s for s, on in (
         ("_loss", stage.get("metric") == "loss" and get_calibrator(calibrator).objective != "none"),
+        ("_distill", stage.get("objective") == "distill"),
         ("_attn", config.quantize_attention), ("_emb", config.quantize_embeddings)) if on)
     tag = f"{label_of(config)}{suffix}_w{config.weight_bits}a{config.act_bits}"
     default = (os.path.join(str(hparams["output_folder"]), "quantized", tag)
@@ -148,5 +153,12 @@ def read_settings(hparams):
     cache = stage.get("cache_front_end", True)
     if not isinstance(cache, bool):
         raise ConfigError(f"quantization: cache_front_end must be true or false, got {cache!r}.")
+    objective = stage.get("objective", "metric")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"quantization: objective={objective!r}; use 'metric' (the recipe's metric) or "
+                          "'distill' (label-free: match the FP32 outputs).")
+    if objective == "distill" and get_calibrator(calibrator).objective == "none":
+        raise ConfigError(f"quantization: objective: distill has no effect with quantize: {method} "
+                          "(it uses no objective): use quantize: esc.")
     return StageSettings(calibrator, config, str(folder), stage.get("metric"), stage.get("metric_key"), hib,
-                         tag, default, cache)
+                         tag, default, cache, objective)

@@ -139,7 +139,11 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     fp32_objective = objective(brain.modules)  # also records the front-end cache
     if cache:
         cache.recording = False
-    qmodules = quantize(brain.modules, cfg, forward_loop=forward_loop, objective=objective, progress=progress)
+    # objective: distill -> no objective: the core distils to the FP32 outputs of the modules
+    # compute_forward calls (no labels needed); the recipe's metric is still reported below.
+    search_objective = None if settings.objective == "distill" else objective
+    qmodules = quantize(brain.modules, cfg, forward_loop=forward_loop, objective=search_objective,
+                        progress=progress)
     report = qmodules.esc_report
     report.objective.setdefault("fp32", fp32_objective)
     report.notes.append(f"calibration: first {n} items of calib_set; objective: {metric_name}"
@@ -151,7 +155,8 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
                "bits": f"W{cfg.weight_bits}A{cfg.act_bits}", "objective_name": metric_name,
                "higher_is_better": hib, "notes": notes,
                "calibration_objective": {"fp32": fp32_objective, "quantized": (
-                   report.objective["chosen"] if "chosen" in report.objective else objective(qmodules))},
+                   report.objective["chosen"] if "chosen" in report.objective and search_objective is not None
+                   else objective(qmodules))},
                "fp32": _float_dict(brain.__dict__.get("test_stats")), "quantized": None,
                "seconds": report.timings.get("total")}
     if test_set is not None:
