@@ -221,8 +221,20 @@ def test_nemo_export_writes_qdq_and_ort_matches(tiny):
         qmodel.export(str(tmp / "model.ts"))
 
 
+def test_label_free_objective(tiny):
+    model, manifests = tiny["model"], tiny["manifests"]
+    q = esc_nemo.quantize_asr_model(model, esc.QuantConfig(bits=8, budget=4, popsize=2),
+                                    manifest=manifests["calibration"], n_samples=100, batch_size=50,
+                                    objective="distill", progress=False)
+    assert any("distillation to the FP32 outputs" in n for n in q.esc_report.notes)
+    assert 0 <= q.esc_report.objective["calibration_wer"] <= 1.5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in tiny["before"].items())
+
+
 def test_bad_input_fails_before_work(tiny):
     model, manifests = tiny["model"], tiny["manifests"]
+    with pytest.raises(ConfigError, match="'metric'.*'distill'"):
+        esc_nemo.quantize_asr_model(model, manifest=manifests["calibration"], objective="ctc")
     with pytest.raises(ConfigError, match="quantize='fast' is unknown"):
         esc_nemo.quantization_config("fast")
     with pytest.raises(ManifestError, match="not found"):

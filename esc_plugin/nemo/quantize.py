@@ -65,7 +65,7 @@ def float_patterns(asr_model, config):
 
 
 def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batch_size=16,
-                       data_config=None, use_cer=False, progress=True):
+                       data_config=None, use_cer=False, objective="metric", progress=True):
     """Quantize a NeMo CTC ASR model; returns a quantized copy (the FP32 model is left as it was).
 
     Arguments
@@ -86,6 +86,11 @@ def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batc
         Overrides of the NeMo data config (e.g. ``{"max_duration": 20}``).
     use_cer : bool
         ESC objective = CER instead of WER.
+    objective : str
+        ``"metric"`` (NeMo's WER / CER against the manifest's transcripts) or
+        ``"distill"`` (label-free: the distance of the quantized encoder /
+        decoder outputs to the FP32 ones on the calibration audio; the
+        transcripts are then only used to report the WER).
     progress : bool
         tqdm bars.
 
@@ -101,6 +106,8 @@ def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batc
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be an esc_plugin.QuantConfig, got {type(config).__name__}; "
                           "build one with esc_plugin.nemo.quantization_config('esc', bits=8).")
+    if objective not in ("metric", "distill"):
+        raise ConfigError(f"objective={objective!r}: use 'metric' (NeMo's WER/CER) or 'distill' (label-free).")
     n_samples = int(n_samples or config.n_samples)
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples} must be >= 1.")
@@ -111,16 +118,19 @@ def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batc
                                              use_cer, progress)
     with quantizable(asr_model):
         fp32_objective = features.word_error_rate(asr_model)
-        qmodel = esc.quantize(asr_model, config, features.forward_loop, features.word_error_rate,
-                              progress=progress)
+        qmodel = esc.quantize(asr_model, config, features.forward_loop,
+                              features.word_error_rate if objective == "metric" else None, progress=progress)
     qmodel = as_quantized_asr_model(qmodel)
     report = qmodel.esc_report
     report.objective["fp32"] = fp32_objective
     for row in report.coverage:
         if row["name"] in FLOAT_MODULES:
             row["reason"] = PREPROCESSOR_REASON
-    report.notes.append(f"objective: NeMo {'CER' if use_cer else 'WER'} on the first {n_samples} "
-                        f"utterances of {manifest} (FP32: {fp32_objective:.4g})")
+    if objective == "metric":
+        report.notes.append(f"objective: NeMo {'CER' if use_cer else 'WER'} on the first {n_samples} "
+                            f"utterances of {manifest} (FP32: {fp32_objective:.4g})")
+    else:
+        report.objective["calibration_wer"] = features.word_error_rate(qmodel)
     qmodel.__dict__["esc_features"] = features
     return qmodel
 
