@@ -2,9 +2,9 @@
 
 ESC's op set is the inputs of Conv, Linear and LayerNorm; the two
 activation x activation products of attention, ``Q K^T`` and ``P V``, stay in
-float. On a transformer encoder those products are a large share of the work
-(Whisper tiny.en at 30 s: about 40 % of the MACs), and a deployed INT8 graph
-that leaves them in float cannot be much faster than FP32.
+float. On a transformer encoder over long inputs those products are a large
+share of the work, and a deployed INT8 graph that leaves them in float cannot
+be much faster than FP32.
 
 With the option on, every ``F.scaled_dot_product_attention`` call made by a
 module of the quantized copy runs as the explicit product
