@@ -25,7 +25,6 @@ after every row.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import esc_plugin as esc  # noqa: E402
 from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
+from esc_plugin.runner import provenance  # noqa: E402
 from esc_plugin.tasks import get_task  # noqa: E402
 
 BASELINES = ("max", "percentile", "entropy", "mse")
@@ -53,15 +53,10 @@ VARIANTS = {
 }
 
 
-def provenance():
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": "python " + " ".join(sys.argv)}
+def provenance_line(prov):
+    """The results.md line naming the command and commit (``prov`` from ``runner.provenance``)."""
+    return (f"Command: `python {' '.join(prov['command'])}` at commit {prov['commit']}"
+            f"{' (uncommitted changes)' if prov['dirty'] else ''}")
 
 
 def row_config(name, bits, budget, seed):
@@ -144,9 +139,7 @@ def main(argv=None):
             result = {"task": task.name, "metric": task.metric, "info": task.info, "fp32": fp32, "rows": rows,
                       "provenance": provenance()}
             write_json(os.path.join(args.out, "results.json"), result)
-            md = (f"### {task.name}: ESC variants\n\n{markdown(task, fp32, rows)}\n\n"
-                  f"Command: `{result['provenance']['command']}` at commit {result['provenance']['commit']}"
-                  f"{' (uncommitted changes)' if result['provenance']['dirty'] else ''}\n")
+            md = f"### {task.name}: ESC variants\n\n{markdown(task, fp32, rows)}\n\n{provenance_line(result['provenance'])}\n"
             write_bytes(os.path.join(args.out, "results.md"), md.encode())
     return 0
 

@@ -22,7 +22,8 @@ from esc_plugin.core.io import write_bytes, write_json
 from esc_plugin.tasks import get_task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import provenance  # noqa: E402
+from quality import provenance_line  # noqa: E402
+from esc_plugin.runner import provenance  # noqa: E402
 
 
 def main(argv=None):
@@ -73,8 +74,7 @@ def main(argv=None):
         lines += [f"| W{x['bits']}A{x['bits']} | {x['objective']} | {x['space']} | {x['sigma0']} | {x['init']} | "
                   f"{x['popsize']} | {x['metric']:.2f} | {x['calib_objective']:.4g} | {x['seconds']:.1f} |"
                   for x in rows]
-        lines += ["", f"Command: `{result['provenance']['command']}` at commit {result['provenance']['commit']}"
-                  f"{' (uncommitted changes)' if result['provenance']['dirty'] else ''}"]
+        lines += ["", provenance_line(result["provenance"])]
         write_bytes(os.path.join(args.out, "results.md"), ("\n".join(lines) + "\n").encode())
     return 0
 

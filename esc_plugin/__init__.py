@@ -19,7 +19,7 @@ _warnings.filterwarnings("ignore", message=".*transformers .* is not tested with
 __version__ = "0.1.0"
 __all__ = ["quantize", "save", "load", "QuantConfig", "QuantReport", "ScaleSearch", "METHODS",
            "register_calibrator", "register_transform", "calibrator_names", "transform_names",
-           "CalibrationContext", "preset_names", "config_for", "label_of",
+           "CalibrationContext", "SplitObjective", "preset_names", "config_for", "label_of",
            "QuantizationError", "ConfigError", "CalibrationError", "ObjectiveError"]
 
 

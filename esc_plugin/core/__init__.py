@@ -8,7 +8,7 @@ import importlib
 _WHERE = {"quantize": "api", "save": "api", "load": "api", "QuantConfig": "config", "METHODS": "config",
           "register_calibrator": "registry", "register_transform": "registry",
           "calibrator_names": "registry", "transform_names": "registry", "CalibrationContext": "context",
-          "preset_names": "presets", "config_for": "presets", "label_of": "presets",
+          "preset_names": "presets", "SplitObjective": "selection", "config_for": "presets", "label_of": "presets",
           "QuantReport": "report", "ScaleSearch": "search", "QuantizationError": "errors",
           "ConfigError": "errors", "CalibrationError": "errors", "ObjectiveError": "errors"}
 __all__ = list(_WHERE)

@@ -24,3 +24,37 @@ def choose(candidates, keep_best=True):
         return candidates[0]
     scores = [np.inf if s is None or not np.isfinite(s) else s for _, _, s in candidates]
     return candidates[int(np.argmin(scores))]
+
+
+class SplitObjective:
+    """An objective over ``n`` calibration parts (samples, batches) that the selection guard can split.
+
+    ``fn(model, indices)`` scores the parts at ``indices`` (``None``: all).
+    ``split(fraction)`` returns ``(search, selection)`` objectives over
+    disjoint parts: every k-th part (k = round(1 / fraction)) is held back.
+    With fewer than two parts there is nothing to hold back: ``split`` is
+    ``None`` and the pipeline notes that the guard is off.
+
+    Example
+    -------
+    >>> obj = SplitObjective(lambda m, idx: float(10 if idx is None else len(idx)), 10)
+    >>> search, select = obj.split(0.2)
+    >>> obj(None), search(None), select(None)
+    (10.0, 8.0, 2.0)
+    >>> SplitObjective(lambda m, idx: 0.0, 1).split is None
+    True
+    """
+
+    def __init__(self, fn, n):
+        self.fn, self.n = fn, n
+        if n < 2:
+            self.split = None
+
+    def __call__(self, model):
+        return self.fn(model, None)
+
+    def split(self, fraction):
+        every = max(2, min(round(1 / fraction), self.n))
+        held = [i for i in range(self.n) if i % every == every - 1]
+        rest = [i for i in range(self.n) if i % every != every - 1]
+        return (lambda m: self.fn(m, rest)), (lambda m: self.fn(m, held))

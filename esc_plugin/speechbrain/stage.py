@@ -22,6 +22,7 @@ from speechbrain.utils.checkpoints import Checkpointer
 
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
+from ..core.selection import SplitObjective
 from .binding import bound_modules
 from .frontcache import FrontEndCache
 from .metric import LOSS, choose_tracker, read_value, resolve_direction
@@ -134,7 +135,8 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
             return sum(losses) / len(losses)
         return read_value(getattr(brain, metric_name), settings.metric_key, hib)
 
-    objective = _SplitByBatch(objective_on, len(batches))
+    # split by batch for the core's selection guard (every k-th batch held back)
+    objective = SplitObjective(objective_on, len(batches))
 
     fp32_objective = objective(brain.modules)  # also records the front-end cache
     if cache:
@@ -168,25 +170,6 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, objective_spec)
     write_json(os.path.join(folder, "metrics.json"), metrics)
     return StageResult(folder, qmodules, report, metrics)
-
-
-class _SplitByBatch:
-    """The recipe's metric on the calibration batches; with two or more batches it can be split
-    (every k-th batch held back) for the core's selection guard."""
-
-    def __init__(self, fn, n_batches):
-        self.fn, self.n = fn, n_batches
-        if n_batches < 2:
-            self.split = None  # one batch: nothing to hold back (the core notes the guard is off)
-
-    def __call__(self, modules):
-        return self.fn(modules)
-
-    def split(self, fraction):
-        every = max(2, min(round(1 / fraction), self.n))
-        held = {i for i in range(self.n) if i % every == every - 1}
-        rest = set(range(self.n)) - held
-        return (lambda m: self.fn(m, rest)), (lambda m: self.fn(m, held))
 
 
 def save_quantized(qmodules, folder):

@@ -10,6 +10,8 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
+from esc_plugin.core.selection import SplitObjective  # noqa: F401  (tasks build their objectives with it)
+
 
 @dataclass
 class Task:
@@ -46,30 +48,3 @@ class Task:
     higher_is_better: bool
     info: dict = field(default_factory=dict)
 
-
-class SplitObjective:
-    """A task objective over ``n`` calibration samples that can be split for the selection guard.
-
-    ``fn(model, indices)`` scores the samples at ``indices`` (``None``: all).
-    ``split(fraction)`` returns ``(search, selection)`` objectives over
-    disjoint parts: every k-th sample (k = round(1 / fraction)) is held back.
-
-    Example
-    -------
-    >>> obj = SplitObjective(lambda m, idx: float(len(range(10)) if idx is None else len(idx)), 10)
-    >>> search, select = obj.split(0.2)
-    >>> obj(None), search(None), select(None)
-    (10.0, 8.0, 2.0)
-    """
-
-    def __init__(self, fn, n):
-        self.fn, self.n = fn, n
-
-    def __call__(self, model):
-        return self.fn(model, None)
-
-    def split(self, fraction):
-        every = max(2, min(round(1 / fraction), self.n))
-        held = [i for i in range(self.n) if i % every == every - 1]
-        rest = [i for i in range(self.n) if i % every != every - 1]
-        return (lambda m: self.fn(m, rest)), (lambda m: self.fn(m, held))
