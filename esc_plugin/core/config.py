@@ -16,10 +16,10 @@ Traceback (most recent call last):
 esc_plugin.core.errors.ConfigError: bits=3 is not supported: use 8 (W8A8) or 4 (W4A4), or set weight_bits / act_bits to 4 or 8 each.
 >>> QuantConfig(exclude="head").exclude
 ('head',)
->>> QuantConfig(budjet=10)
+>>> QuantConfig(budjet=10)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, checkpoint, distill, distill_weight, exclude, fallback_layers, histogram_bins, init, init_grid, init_max_elements, keep_init_if_worse, max_drop, method, n_samples, nan_policy, percentiles, popsize, ptq, quantize_attention, quantize_embeddings, quantize_layernorm, search_space, seed, selection_split, sigma0, smoothquant_alpha, weight_bits.
+esc_plugin.core.errors.ConfigError: unknown quantization option(s) ['budjet'] (did you mean 'budget'?): valid options are act_bits, bits, budget, ...
 """
 import difflib
 import numbers
@@ -59,6 +59,11 @@ class QuantConfig:
         more. See :mod:`esc_plugin.core.search`.
     popsize : int, optional
         ESC: CMA-ES population size; default is cma's ``4 + 3 ln(N)``.
+    restarts : int
+        ESC: number of IPOP restarts within the same budget Γ (0: one run, as
+        in the paper). Run ``r`` doubles the population, starts from the best
+        sample so far with σ0, and gets a share of Γ proportional to its
+        population. See :mod:`esc_plugin.core.search`.
     n_samples : int
         Number of calibration samples the integrations draw (the core never
         loads data itself: the caller's ``forward_loop`` does).
@@ -140,6 +145,7 @@ class QuantConfig:
     sigma0: float = 0.1
     search_space: str = "log"
     popsize: Optional[int] = None
+    restarts: int = 0
     n_samples: int = 100
     seed: int = 0
     percentiles: Tuple[float, ...] = (99.99, 99.999, 99.9999)
@@ -194,6 +200,7 @@ class QuantConfig:
         _number("sigma0", self.sigma0, "the initial CMA-ES step size, e.g. 0.1 (the paper)")
         if self.popsize is not None:
             _integer("popsize", self.popsize, "an integer >= 2 (or None for cma's default)", low=2)
+        _integer("restarts", self.restarts, "the number of IPOP restarts, e.g. 0 (one run) or 1", low=0)
         _integer("n_samples", self.n_samples, "the number of calibration samples, e.g. 100", low=1)
         # cma treats seed 0 as "seed from the clock": only non-negative seeds are reproducible
         _integer("seed", self.seed, "a non-negative integer (runs are reproducible given it)", low=0)

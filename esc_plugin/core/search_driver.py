@@ -51,7 +51,7 @@ class SearchDriver:
     def new_search(self):
         c = self.config
         return ScaleSearch(self.init, c.sigma0, c.budget, c.popsize, c.seed,
-                           max_amax=self.ctx.maxes, space=c.search_space)
+                           max_amax=self.ctx.maxes, space=c.search_space, restarts=c.restarts)
 
     def run(self):
         search = self.new_search()
