@@ -13,6 +13,9 @@ Rows (each at every ``--bits``):
 * ``esc_recommended`` (label-free, started from the best of init and
   baselines, σ0 = 0.3) and ``_wc`` (plus the ``weight_clip`` pass), and
   ``entropy_wc`` (the entropy baseline with ``weight_clip``);
+* ``max_fallback3`` / ``esc_recommended_fallback3``: plus accuracy-aware
+  fallback of the 3 most sensitive ops (ranked on the objective; the report's
+  sensitivity table and ``sensitivity.png`` say which ops they are);
 * ``nncf``: Intel NNCF ``nncf.quantize`` (INT8 default preset; W8A8 only) on
   the same calibration batches (``pip install -e ".[peers]"``).
 
@@ -50,6 +53,8 @@ VARIANTS = {
     "esc_recommended": ({"method": "esc", "init": "best", "sigma0": 0.3}, False),
     "esc_recommended_wc": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("weight_clip",)}, False),
     "entropy_wc": ({"method": "entropy", "ptq": ("weight_clip",)}, True),
+    "max_fallback3": ({"method": "max", "fallback_layers": 3}, True),
+    "esc_recommended_fallback3": ({"method": "esc", "init": "best", "sigma0": 0.3, "fallback_layers": 3}, False),
 }
 
 
@@ -79,7 +84,7 @@ def run_peer(task, name, bits):
             "notes": ["nncf.quantize, default preset, same calibration batches"]}
 
 
-def run_row(task, name, bits, budget, seed, progress):
+def run_row(task, name, bits, budget, seed, progress, reports=None):
     if name in PEERS:
         return run_peer(task, name, bits)
     config, task_objective = row_config(name, bits, budget, seed)
@@ -91,9 +96,13 @@ def run_row(task, name, bits, budget, seed, progress):
         metrics = task.evaluate(q)
         calib = float(task.objective(q))
     r = q.esc_report
+    if reports:  # report.json (sensitivity, selection, coverage) and its plots, per row
+        folder = os.path.join(reports, f"{name}_w{bits}a{bits}")
+        r.save_json(os.path.join(folder, "report.json"))
+        r.plot(folder)
     return {"config": f"W{bits}A{bits}", "variant": name, "metrics": metrics, "calib_objective": calib,
             "seconds": seconds, "n_evaluations": r.timings.get("n_evaluations"),
-            "selection": r.selection, "ptq": r.ptq, "notes": r.notes}
+            "selection": r.selection, "ptq": r.ptq, "notes": r.notes, "sensitivity": r.sensitivity[:10]}
 
 
 def markdown(task, fp32, rows):
@@ -110,6 +119,18 @@ def markdown(task, fp32, rows):
     return "\n".join(lines)
 
 
+def sensitivity_tables(rows):
+    """The ten most sensitive ops of each fallback row: objective gain with that op alone in float."""
+    out = []
+    for r in rows:
+        if r.get("sensitivity"):
+            out += ["", f"{r['config']} {r['variant']}: most sensitive ops (objective gain with the op alone "
+                        "in float; the first 3 were left in float)", "", "| rank | op | kind | gain |",
+                    "|---|---|---|---|"]
+            out += [f"| {x['rank']} | `{x['name']}` | {x['op']} | {x['gain']:.4g} |" for x in r["sensitivity"]]
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="honk")
@@ -121,6 +142,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--reports", action="store_true", help="also write each row's report.json and plots "
+                                                          "under <out>/<row>_w<b>a<b>/")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)  # fail on an unwritable --out before any work
     torch.set_num_threads(args.threads)
@@ -132,14 +155,16 @@ def main(argv=None):
         for name in args.rows:
             if name in PEERS and bits != 8:
                 continue  # NNCF's default preset is INT8
-            rows.append(run_row(task, name, bits, args.budget, args.seed, args.progress))
+            rows.append(run_row(task, name, bits, args.budget, args.seed, args.progress,
+                                args.out if args.reports else None))
             r = rows[-1]
             print(f"{task.name} {r['config']} {name:22s} {task.metric}={r['metrics'][task.metric]:.2f} "
                   f"calib={r['calib_objective']:.4g} ({r['seconds']:.0f} s)", flush=True)
             result = {"task": task.name, "metric": task.metric, "info": task.info, "fp32": fp32, "rows": rows,
                       "provenance": provenance()}
             write_json(os.path.join(args.out, "results.json"), result)
-            md = f"### {task.name}: ESC variants\n\n{markdown(task, fp32, rows)}\n\n{provenance_line(result['provenance'])}\n"
+            md = (f"### {task.name}: ESC variants\n\n{markdown(task, fp32, rows)}\n{sensitivity_tables(rows)}\n"
+                  f"{provenance_line(result['provenance'])}\n")
             write_bytes(os.path.join(args.out, "results.md"), md.encode())
     return 0
 
