@@ -427,3 +427,36 @@ def test_smoothquant_leaves_tied_weights_alone():
                      progress=False)
     assert torch.equal(q.emb.weight, model.emb.weight)  # the embedding table is not rescaled
     assert not torch.equal(q.head.weight, model.head.weight)
+
+
+def test_smoothquant_auto_alpha_is_chosen_per_site(tmp_path):
+    """α from the grid per site, by each site's quantized output error: the outlier-input site gets
+    migration, and the whole model is no worse than with one fixed α."""
+    from esc_plugin.core.transforms.smoothquant import AUTO_ALPHAS
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    scale = torch.ones(16)
+    scale[3] = 80.0  # an outlier input channel
+    data = [torch.randn(32, 16) * scale for _ in range(4)]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def error(m):
+        with torch.no_grad():
+            return sum(float(((m(x) - model(x)) ** 2).mean()) for x in data)
+
+    cfg = dict(method="max", bits=4, ptq=("smoothquant",))
+    auto = esc.quantize(model, esc.QuantConfig(**cfg, smoothquant_alpha="auto"), loop, progress=False)
+    fixed = esc.quantize(model, esc.QuantConfig(**cfg, smoothquant_alpha=0.5), loop, progress=False)
+    alphas = next(t for t in auto.esc_state["transforms"] if t["name"] == "smoothquant")["state"]["alphas"]
+    assert set(alphas) == {"0", "2"} and set(alphas.values()) <= set(AUTO_ALPHAS) and alphas["0"] > 0
+    assert any("alpha per site" in n for n in auto.esc_report.notes)
+    assert error(auto) <= error(fixed)
+    again = esc.load(model, esc.save(auto, tmp_path / "auto.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(data[1]), auto(data[1]))
+    with pytest.raises(ConfigError, match="'auto'"):
+        esc.QuantConfig(smoothquant_alpha="best")

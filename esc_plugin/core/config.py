@@ -25,7 +25,7 @@ import difflib
 import numbers
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from .errors import ConfigError
 
@@ -128,9 +128,10 @@ class QuantConfig:
     max_drop : float, optional
         Accuracy fallback: leave the most sensitive ops in float until the
         objective is within ``max_drop`` (absolute) of the FP32 model's.
-    smoothquant_alpha : float
+    smoothquant_alpha : float or str
         Migration strength α of the ``smoothquant`` pass, in (0, 1]
-        (0.5 as in the SmoothQuant paper).
+        (0.5 as in the SmoothQuant paper), or ``"auto"``: α per site, chosen
+        on that site's quantized output error.
     nan_policy : str
         ``"error"`` (default): a NaN or inf in a calibration activation stops
         the run with the layer and batch named; ``"ignore"``: non-finite
@@ -165,7 +166,7 @@ class QuantConfig:
     selection_split: Optional[float] = 0.2
     fallback_layers: int = 0
     max_drop: Optional[float] = None
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: Union[float, str] = 0.5
     nan_policy: str = "error"
 
     def __post_init__(self):
@@ -223,9 +224,12 @@ class QuantConfig:
             self.ptq = self.ptq + ("fallback",)
         for name in self.ptq:
             get_transform(name)
-        _number("smoothquant_alpha", self.smoothquant_alpha, "the SmoothQuant migration strength in (0, 1]")
-        if self.smoothquant_alpha > 1:
-            raise ConfigError(f"smoothquant_alpha={self.smoothquant_alpha} must be in (0, 1], e.g. 0.5.")
+        if self.smoothquant_alpha != "auto":
+            _number("smoothquant_alpha", self.smoothquant_alpha,
+                    "the SmoothQuant migration strength in (0, 1], or 'auto' (per site)")
+            if self.smoothquant_alpha > 1:
+                raise ConfigError(f"smoothquant_alpha={self.smoothquant_alpha} must be in (0, 1], e.g. 0.5, "
+                                  "or 'auto' (per site).")
         if len(set(self.ptq)) != len(self.ptq):
             raise ConfigError(f"ptq={self.ptq} names a pass twice: list each pass once.")
         for name in ("quantize_layernorm", "quantize_attention", "quantize_embeddings", "keep_init_if_worse"):

@@ -10,6 +10,14 @@ weight of the quantized copy, whose per-channel weight scales are then
 recalibrated. Runs before calibration, so every calibrator sees the smoothed
 activations.
 
+α is one value for every site (``QuantConfig(smoothquant_alpha=0.5)``), or
+``"auto"``: per site, the α of a grid that minimises the site's *output*
+error with its smoothed input and weight both quantized (the criterion of
+ESC's local init, Eq. 4, on the first calibration inputs). Migration helps a
+site whose input has outlier channels and hurts one whose weight has them,
+which a single α cannot tell apart (OpenVINO's Whisper recipe uses different
+α for encoder and decoder for that reason).
+
 Covered: ``nn.Linear`` and ungrouped ``nn.Conv1d`` / ``nn.Conv2d`` sites.
 Left as they are (named in the report): LayerNorm inputs (normalisation over
 the channels does not commute with a per-channel scale), grouped convolutions
@@ -27,20 +35,30 @@ Example
 ['smoothquant']
 """
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..numerics import fake_quant
 from ..registry import register_transform
 
 _MIN, _MAX = 1e-5, 1e5
+# candidates of smoothquant_alpha="auto" (0 = no migration)
+AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+# activation clip ratios tried with each α, so α is not judged under a max scale ESC would not keep
+_CLIPS = (1.0, 0.5, 0.25)
 
 
 class _ChannelMax:
-    """Observer: running max |x| per input channel (``axis``)."""
+    """Observer: running max |x| per input channel (``axis``); with ``keep`` > 0 also the first
+    inputs, up to ``keep`` elements (for the per-site α search)."""
 
-    def __init__(self, axis):
-        self.axis, self.amax = axis, None
+    def __init__(self, axis, keep=0):
+        self.axis, self.amax, self.keep, self.inputs = axis, None, keep, []
 
     def __call__(self, x):
+        if self.keep > 0:
+            self.inputs.append(x.detach()[:max(1, self.keep // max(1, x[:1].numel()))])
+            self.keep -= self.inputs[-1].numel()
         x = x.detach().float().abs()
         dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
         m = x.amax(dim=dims) if dims else x
@@ -69,8 +87,11 @@ def _weight_channel_max(weight, op):
                     summary="migrate activation outliers into the weights (per input channel)")
 class SmoothQuant:
     def __init__(self, config):
-        self.alpha = float(config.smoothquant_alpha)
-        self.scales = {}
+        self.auto = config.smoothquant_alpha == "auto"
+        self.alpha = None if self.auto else float(config.smoothquant_alpha)
+        self.bits = (config.weight_bits, config.act_bits)
+        self.keep = config.init_max_elements if self.auto else 0
+        self.scales, self.alphas = {}, {}
 
     def check(self, model):
         kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
@@ -86,7 +107,7 @@ class SmoothQuant:
         observers = {}
 
         def factory(point):
-            observers[point.name] = _ChannelMax(_axis(point)) if _smoothable(point) else None
+            observers[point.name] = _ChannelMax(_axis(point), self.keep) if _smoothable(point) else None
             return observers[point.name]
 
         ctx.plan.start_observing(factory)
@@ -99,24 +120,72 @@ class SmoothQuant:
             obs = observers.get(p.name)
             if obs is None or obs.amax is None:
                 continue
-            w_max = _weight_channel_max(p.module.weight, p.op).clamp_min(_MIN)
-            x_max = obs.amax.to(w_max.device)
-            s = (x_max.clamp_min(_MIN) ** self.alpha / w_max ** (1 - self.alpha)).clamp(_MIN, _MAX)
-            s = torch.where(x_max > 0, s, torch.ones_like(s))
+            alpha = _best_alpha(p, obs, *self.bits) if self.auto else self.alpha
+            self.alphas[p.name] = alpha
+            if alpha == 0:
+                continue
+            s = _migration(p, obs.amax, alpha)
             self.scales[p.name] = s.cpu()
             _smooth(p, s)
         skipped = len(ctx.plan.points) - len(self.scales)
-        ctx.report.notes.append(f"smoothquant (alpha {self.alpha}): smoothed {len(self.scales)} sites, "
-                                f"left {skipped} (LayerNorm inputs, grouped convs, functional or unused sites)")
+        how = f"alpha {self.alpha}" if not self.auto else \
+            "alpha per site by output error: " + _histogram(self.alphas.values())
+        ctx.report.notes.append(f"smoothquant ({how}): smoothed {len(self.scales)} sites, left {skipped} "
+                                "(LayerNorm inputs, grouped convs, functional, unused or α=0 sites)")
 
     def state_dict(self):
-        return {"alpha": self.alpha, "scales": dict(self.scales)}
+        return {"alpha": "auto" if self.auto else self.alpha, "alphas": dict(self.alphas),
+                "scales": dict(self.scales)}
 
     def load_state_dict(self, state, ctx):
         self.alpha, self.scales = state["alpha"], dict(state["scales"])
+        self.auto, self.alphas = self.alpha == "auto", dict(state.get("alphas", {}))
         by_name = {p.name: p for p in ctx.plan.points}
         for name, s in self.scales.items():
             _smooth(by_name[name], s)
+
+
+def _migration(point, x_max, alpha):
+    w_max = _weight_channel_max(point.module.weight, point.op).clamp_min(_MIN)
+    x_max = x_max.to(w_max.device)
+    s = (x_max.clamp_min(_MIN) ** alpha / w_max ** (1 - alpha)).clamp(_MIN, _MAX)
+    return torch.where(x_max > 0, s, torch.ones_like(s))
+
+
+def _op(point, x, weight):
+    m = point.module
+    return F.linear(x, weight, m.bias) if point.op == "linear" else m._conv_forward(x, weight, m.bias)
+
+
+@torch.no_grad()
+def _best_alpha(point, obs, weight_bits, act_bits):
+    """The α of :data:`AUTO_ALPHAS` with the smallest output error of the quantized site."""
+    w = point.module.weight.detach()
+    xs = [x.to(w.dtype) for x in obs.inputs]
+    refs = [_op(point, x, w).float() for x in xs]
+    view = [1] * w.dim()
+    view[1] = -1
+    errors = {}
+    for alpha in AUTO_ALPHAS:
+        s = _migration(point, obs.amax, alpha) if alpha else torch.ones(w.shape[1], device=w.device)
+        ws = w * s.to(w.dtype).view(view)
+        w_amax = ws.abs().flatten(1).amax(1).clamp_min(_MIN).view([-1] + [1] * (w.dim() - 1))
+        wq = fake_quant(ws.float(), w_amax.float(), weight_bits).to(w.dtype)
+        x_view = [1] * xs[0].dim()
+        x_view[_axis(point)] = -1
+        smoothed = [x / s.to(x.dtype).view(x_view) for x in xs]
+        x_amax = max(float(x.abs().max()) for x in smoothed)
+        errors[alpha] = min(sum(float(((_op(point, fake_quant(x.float(), x_amax * c, act_bits).to(w.dtype), wq)
+                                        .float() - r) ** 2).sum()) for x, r in zip(smoothed, refs))
+                            for c in _CLIPS)
+    return min(errors, key=lambda a: (errors[a], a))
+
+
+def _histogram(values):
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"α={a}: {n}" for a, n in sorted(counts.items()))
 
 
 @torch.no_grad()
