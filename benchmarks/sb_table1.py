@@ -14,8 +14,12 @@ registered calibrator and named variants such as ``esc_initbest``, ESC started
 from whichever of the output-MSE init and the baselines' scales scores best on
 the objective), plus two SpeechBrain-stage variants: ``esc_loss``, ESC with
 the recipe's loss as the objective instead of its metric (stage option
-``metric: loss``; smooth where an error rate over 100 samples is coarse), and
-``esc_initbest_loss``: both.
+``metric: loss``; smooth where an error rate over 100 samples is coarse),
+``esc_initbest_loss``: both, and ``esc_recommended_distill``: the
+recommended preset with the label-free objective (``objective: distill``).
+Peer quantizers run as the recipe's stage too: ``nncf`` (Intel NNCF's
+``nncf.quantize``, INT8 default preset; W8A8 rows only; ``pip install -e
+".[peers]"``).
 Rows already in ``<out>/results.json`` for the same recipe are kept unless
 re-run, so rows can be added by later runs; each row records the commit it
 was produced at (``provenance``).
@@ -32,20 +36,24 @@ from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 from esc_plugin.core.presets import preset_names, preset_options  # noqa: E402
 from esc_plugin.core.registry import calibrator_names  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
+from esc_plugin.speechbrain.settings import PEERS  # noqa: E402
 
 # SpeechBrain-stage variants: stage options (metric: loss) that are not QuantConfig fields,
 # so not presets: row name -> (base preset, extra stage options)
 STAGE_VARIANTS = {"esc_loss": ("esc", {"metric": "loss"}),
-                  "esc_initbest_loss": ("esc_initbest", {"metric": "loss"})}
+                  "esc_initbest_loss": ("esc_initbest", {"metric": "loss"}),
+                  "esc_recommended_distill": ("esc_recommended", {"objective": "distill"})}
 
 
 def method_names():
-    """Every row name this script runs: the presets, then the stage variants."""
-    return tuple(preset_names()) + tuple(STAGE_VARIANTS)
+    """Every row name this script runs: the presets, the stage variants, then the peers."""
+    return tuple(preset_names()) + tuple(STAGE_VARIANTS) + PEERS
 
 
 def recipe_options(name):
     """``(quantize:, quantization: options)`` of a row name for the recipe's command line."""
+    if name in PEERS:
+        return name, {}
     base, stage = STAGE_VARIANTS.get(name, (name, {}))
     options = preset_options(base)
     return options.pop("method"), {**options, **stage}
@@ -102,6 +110,8 @@ def main(argv=None):
     prov = provenance(sys.argv if argv_given is None else ["benchmarks/sb_table1.py", *argv_given])
     for bits in args.bits:
         for method in args.methods:
+            if method in PEERS and bits != 8:
+                continue  # peers run their INT8 default preset
             quantize, options = recipe_options(method)
             block = "{" + ", ".join(f"{k}: {v}" for k, v in {"bits": bits, **options}.items()) + "}"
             seconds = run_recipe(args.train_py, args.hparams,

@@ -23,7 +23,7 @@ True
 >>> read_settings({"quantize": "int8"})
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, esc_recommended, esc_initbest (e.g. `--quantize=esc`).
+esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, esc_recommended, esc_initbest, nncf (e.g. `--quantize=esc`).
 >>> read_settings({"quantize": "esc", "quantisation": {"bits": 4}})
 Traceback (most recent call last):
 ...
@@ -43,12 +43,15 @@ STAGE_OPTIONS = ("output_folder", "metric", "metric_key", "higher_is_better", "c
 # quantized modules' outputs to the FP32 ones on the calibration batches; the metric is still reported)
 OBJECTIVES = ("metric", "distill")
 KEYS = ("quantize", "quantization")
+# Other projects' quantizers run as the stage for comparison (esc_plugin.speechbrain.peers): INT8 only,
+# configured by their own defaults (of the quantization: block only bits: 8 and n_samples apply).
+PEERS = ("nncf",)
 
 
 def quantize_choices():
     """Values of ``quantize:``: ``none``, every registered calibrator, then the named presets."""
     from ..core.presets import preset_names
-    return ("none",) + tuple(preset_names())
+    return ("none",) + tuple(preset_names()) + PEERS
 
 
 @dataclass
@@ -65,6 +68,7 @@ class StageSettings:
     default_folder: Optional[str] = None
     cache_front_end: bool = True
     objective: str = "metric"
+    peer: bool = False  # a peer quantizer (PEERS), not an esc_plugin calibrator
 
 
 def check_key_spelling(hparams):
@@ -121,6 +125,8 @@ def read_settings(hparams):
     if not isinstance(block, dict):
         raise ConfigError(f"quantization: must be a mapping of options, got {type(block).__name__}.")
     block = dict(block)
+    if method in PEERS:
+        return _peer_settings(method, block, hparams)
     stage = {k: block.pop(k) for k in STAGE_OPTIONS if k in block}
     known = sorted({f.name for f in fields(QuantConfig)} - {"method"} | set(STAGE_OPTIONS))
     unknown = sorted(set(block) - set(known))
@@ -162,3 +168,27 @@ def read_settings(hparams):
                           "(it uses no objective): use quantize: esc.")
     return StageSettings(calibrator, config, str(folder), stage.get("metric"), stage.get("metric_key"), hib,
                          tag, default, cache, objective)
+
+
+def _peer_settings(method, block, hparams):
+    """A peer runs its own defaults: the recipe's QuantConfig options are checked as usual, and
+    only ``bits`` (8) and ``n_samples`` (the calibration items) apply to it."""
+    stage = {k: block.pop(k) for k in STAGE_OPTIONS if k in block}
+    known = {f.name for f in fields(QuantConfig)} - {"method"}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ConfigError(f"quantization: unknown option(s) {unknown}; valid options are "
+                          f"{sorted(known | set(STAGE_OPTIONS))}.")
+    config = QuantConfig(**{**block, "method": "max"})
+    if config.weight_bits != 8 or config.act_bits != 8:
+        raise ConfigError(f"quantize: {method} runs its INT8 default preset: set `quantization: {{bits: 8}}` "
+                          "(W4A4 comparisons use esc_plugin's calibrators).")
+    tag = f"{method}_w8a8"
+    default = (os.path.join(str(hparams["output_folder"]), "quantized", tag)
+               if hparams.get("output_folder") else None)
+    folder = stage.get("output_folder") or default
+    if not folder:
+        raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
+                          "so the stage knows where to write the results.")
+    return StageSettings(method, config, str(folder), stage.get("metric"), stage.get("metric_key"),
+                         stage.get("higher_is_better"), tag, default, cache_front_end=False, peer=True)

@@ -40,9 +40,11 @@ class StageResult:
     ----------
     folder : str
         Where the quantized model, report and metrics were written.
-    modules : torch.nn.ModuleDict
-        The quantized copy of ``brain.modules``.
-    report : esc_plugin.QuantReport
+    modules : torch.nn.Module
+        The quantized copy of ``brain.modules`` (for a peer quantizer, e.g.
+        ``quantize: nncf``, its quantized model of ``compute_forward``).
+    report : esc_plugin.QuantReport or None
+        None for a peer quantizer.
     metrics : dict
         ``fp32`` and ``quantized`` test metrics (``brain.test_stats`` and the
         optimised tracker's value), and the calibration objective of both.
@@ -52,10 +54,16 @@ class StageResult:
     modules: torch.nn.Module
     report: object
     metrics: dict = field(default_factory=dict)
+    peer: bool = False
 
     @contextlib.contextmanager
     def applied(self, brain):
         """Run ``brain`` with the quantized modules inside the block."""
+        if self.peer:
+            from .peers import routed_forward
+            with routed_forward(brain, self.modules):
+                yield brain
+            return
         with bound_modules(brain, self.modules):
             yield brain
 
@@ -141,6 +149,13 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     fp32_objective = objective(brain.modules)  # also records the front-end cache
     if cache:
         cache.recording = False
+    if settings.peer:  # another project's quantizer, evaluated exactly like the calibrators
+        from .peers import run_peer_stage
+        qmodel, metrics = run_peer_stage(
+            brain, settings, batches, objective, fp32_objective,
+            lambda modules, out: _evaluate(brain, modules, test_set, loader_kwargs, out, objective_spec),
+            _float_dict(brain.__dict__.get("test_stats")), test_set, notes)
+        return StageResult(folder, qmodel, None, metrics, peer=True)
     # objective: distill -> no objective: the core distils to the FP32 outputs of the modules
     # compute_forward calls (no labels needed); the recipe's metric is still reported below.
     search_objective = None if settings.objective == "distill" else objective
