@@ -13,6 +13,7 @@ Rows (each at every ``--bits``):
 * ``esc_recommended`` (label-free, started from the best of init and
   baselines, σ0 = 0.3) and ``_wc`` (plus the ``weight_clip`` pass), and
   ``entropy_wc`` (the entropy baseline with ``weight_clip``);
+* ``esc_recommended_sq`` / ``_sqauto``: plus SmoothQuant, α 0.5 / α per site;
 * ``max_fallback3`` / ``esc_recommended_fallback3``: plus accuracy-aware
   fallback of the 3 most sensitive ops (ranked on the objective; the report's
   sensitivity table and ``sensitivity.png`` say which ops they are);
@@ -53,6 +54,9 @@ VARIANTS = {
     "esc_recommended": ({"method": "esc", "init": "best", "sigma0": 0.3}, False),
     "esc_recommended_wc": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("weight_clip",)}, False),
     "entropy_wc": ({"method": "entropy", "ptq": ("weight_clip",)}, True),
+    "esc_recommended_sq": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("smoothquant",)}, False),
+    "esc_recommended_sqauto": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("smoothquant",),
+                                "smoothquant_alpha": "auto"}, False),
     "max_fallback3": ({"method": "max", "fallback_layers": 3}, True),
     "esc_recommended_fallback3": ({"method": "esc", "init": "best", "sigma0": 0.3, "fallback_layers": 3}, False),
 }
