@@ -19,6 +19,12 @@ Built-in (``--models``):
   ``results/conformer_ctc/1986``); input (batch, 101, 40) normalised fbank of
   1 s test clips, output (batch, 25, 17) CTC logits. Not in the default list:
   it exists only after the recipe has been trained.
+* ``ast`` / ``ecapa``: the in-project AST (``recipes/SpeechCommands/KWS/ast``,
+  fbank 101x64 of 1 s Speech Commands clips -> 12 logits) and ECAPA-TDNN
+  (``recipes/LibriSpeech/SpeakerRec/ecapa``, fbank of 3 s LibriSpeech speech
+  -> embedding), built from the recipe's hparams with **random weights**
+  (seed 0): the trained runs are not on every machine, and the weights do
+  not change the latency.
 
 Adding a model (e.g. an in-project Conformer): ``--model package.module:function``
 where ``function(shared_root)`` returns a :class:`BenchModel` or a dict with the
@@ -184,7 +190,76 @@ def build_conformer_ctc(shared_root=None, n_calib: int = 32) -> BenchModel:
                     f"{hp['d_model']}, RelPosMHAXL), fbank 101x40 (1 s)")
 
 
-BUILTINS = {"whisper_encoder": build_whisper_encoder, "honk": build_honk, "conformer_ctc": build_conformer_ctc}
+def _recipe_hparams(recipe, yaml_name, extra_overrides=None):
+    """A recipe's hparams (hyperpyyaml), its model randomly initialised (seed 0): latency only."""
+    import sys
+    import tempfile
+
+    from hyperpyyaml import load_hyperpyyaml
+
+    folder = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    if str(folder) not in sys.path:  # the recipe's own model module (e.g. audio_spectrogram_transformer)
+        sys.path.insert(0, str(folder))
+    torch.manual_seed(0)
+    with open(folder / "hparams" / yaml_name) as f:
+        return load_hyperpyyaml(f, {"data_folder": "unused", "output_folder": tempfile.mkdtemp(),
+                                    **(extra_overrides or {})}), folder
+
+
+def _speech_commands_wavs(shared_root, n, seconds=1.0):
+    from esc_plugin.tasks.audio import load_audio, pad_or_trim, require_path, resolve_shared_root
+    from esc_plugin.tasks.honk import list_clips
+
+    root = resolve_shared_root(shared_root)
+    clips = list_clips(require_path(root / "data" / "speech_commands", "Speech Commands data"))
+    picked = clips[:: max(1, len(clips) // n)][:n]
+    return torch.stack([pad_or_trim(load_audio(p, 16000), int(16000 * seconds)) for p, _ in picked])
+
+
+class FeatsToLogits(torch.nn.Module):
+    """A recipe model called as ``model(feats)`` (AST), or ``model(feats)`` of an embedding model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats):
+        return self.model(feats)
+
+
+def build_ast(shared_root=None, n_calib: int = 16) -> BenchModel:
+    """The in-project AST (``recipes/SpeechCommands/KWS/ast``), randomly initialised: latency only."""
+    hp, _ = _recipe_hparams("SpeechCommands/KWS/ast", "ast.yaml")
+    with torch.no_grad():
+        feats = hp["compute_features"](_speech_commands_wavs(shared_root, N_INPUTS + n_calib))
+    return BenchModel(
+        name="ast", model=FeatsToLogits(hp["ast"]).eval(), inputs=feats[:N_INPUTS],
+        calibration=[feats[N_INPUTS:]], input_name="fbank", output_name="logits",
+        description=f"in-project AST ({hp['num_layers']} layers, d {hp['d_model']}, patches "
+                    f"{hp['patch_size']}), random weights, fbank {feats.shape[1]}x{feats.shape[2]} (1 s)")
+
+
+def build_ecapa(shared_root=None, n_calib: int = 16) -> BenchModel:
+    """The in-project ECAPA-TDNN (``recipes/LibriSpeech/SpeakerRec/ecapa``), randomly initialised:
+    latency only; 3 s of LibriSpeech speech per input."""
+    from esc_plugin.tasks.audio import load_audio, pad_or_trim, require_path, resolve_shared_root
+
+    hp, _ = _recipe_hparams("LibriSpeech/SpeakerRec/ecapa", "ecapa.yaml")
+    root = resolve_shared_root(shared_root)
+    files = sorted(require_path(root / "data" / "librispeech_speakers", "LibriSpeech speakers").glob("*/*.flac"))
+    files = files[:: max(1, len(files) // (N_INPUTS + n_calib))][:N_INPUTS + n_calib]
+    wavs = torch.stack([pad_or_trim(load_audio(f, 16000), 48000) for f in files])
+    with torch.no_grad():
+        feats = hp["compute_features"](wavs)
+    return BenchModel(
+        name="ecapa", model=FeatsToLogits(hp["embedding_model"]).eval(), inputs=feats[:N_INPUTS],
+        calibration=[feats[N_INPUTS:]], input_name="fbank", output_name="embedding",
+        description=f"in-project ECAPA-TDNN (channels {hp['channels']}, embedding {hp['emb_dim']}), "
+                    f"random weights, fbank {feats.shape[1]}x{feats.shape[2]} (3 s)")
+
+
+BUILTINS = {"whisper_encoder": build_whisper_encoder, "honk": build_honk, "conformer_ctc": build_conformer_ctc,
+            "ast": build_ast, "ecapa": build_ecapa}
 
 
 def builder_of(source: str):

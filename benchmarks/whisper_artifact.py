@@ -9,7 +9,9 @@ KV cache, one token per step) and transcribes the shared clips with:
 
 * PyTorch FP32 and the fake-quantized PyTorch model (``tasks.whisper.transcribe_tokens``);
 * ONNX Runtime FP32 / INT8 and OpenVINO FP32 / INT8 (``WhisperArtifact``, same
-  prompt, suppression and stop rules).
+  prompt, suppression and stop rules); INT8 twice: the standard QDQ export
+  (``W8A8``: QuantizeLinear saturates at -128) and ``W8A8 clip``
+  (``clip_activations=True``: at -127, as the simulation).
 
 For each: corpus WER on the task's 9 evaluation clips (the quality table's
 split; the other 9 calibrated the scales) and on all 18, and, for the
@@ -91,7 +93,7 @@ def markdown(res):
         lines.append(f"| {r['model']} | {r['runtime']} | {r['wer_eval']:.2f} | {r['wer_all']:.2f} | {vs} | "
                      f"{same} | {r['seconds']:.1f} |")
     lines += ["", "| ONNX files | encoder MB | decoder MB | total × FP32 |", "|---|---|---|---|"]
-    fp32_total = sum(res["bytes"]["fp32"].values())
+    fp32_total = sum(res["bytes"]["FP32"].values())
     for model, b in res["bytes"].items():
         lines.append(f"| {model} | {b['encoder'] / 1e6:.2f} | {b['decoder'] / 1e6:.2f} | "
                      f"{sum(b.values()) / fp32_total:.2f} |")
@@ -120,15 +122,16 @@ def main(argv=None):
     mel = log_mel(feature_extractor, [c["wav"] for c in clips])
     refs, eval_idx = [c["ref"] for c in clips], list(range(len(evaluation)))
     rows, torch_tokens, sizes = [], {}, {}
-    for name, model in (("FP32", task.model), ("W8A8", qmodel)):
-        t0 = time.perf_counter()
-        torch_tokens[name] = transcribe_tokens(model, mel, batch_size=9, max_new_tokens=args.max_new_tokens)
-        rows.append({"model": name, "runtime": "PyTorch", "seconds": time.perf_counter() - t0,
-                     **scores(tok, refs, eval_idx, torch_tokens[name])})
-        print(f"{name} PyTorch WER eval {rows[-1]['wer_eval']:.2f}", flush=True)
-        folder = out / name.lower()
-        spec = export_whisper(model, folder, mel[:1])
-        sizes[name.lower()] = spec["bytes"]
+    for name, model, clip in (("FP32", task.model, False), ("W8A8", qmodel, False), ("W8A8 clip", qmodel, True)):
+        if name not in torch_tokens and not clip:
+            t0 = time.perf_counter()
+            torch_tokens[name] = transcribe_tokens(model, mel, batch_size=9, max_new_tokens=args.max_new_tokens)
+            rows.append({"model": name, "runtime": "PyTorch", "seconds": time.perf_counter() - t0,
+                         **scores(tok, refs, eval_idx, torch_tokens[name])})
+            print(f"{name} PyTorch WER eval {rows[-1]['wer_eval']:.2f}", flush=True)
+        folder = out / name.lower().replace(" ", "_")
+        spec = export_whisper(model, folder, mel[:1], clip_activations=clip)
+        sizes[name] = spec["bytes"]
         for runtime in args.runtimes:
             artifact = WhisperArtifact(folder, runtime, threads=args.threads)
             t0 = time.perf_counter()
@@ -137,15 +140,15 @@ def main(argv=None):
                 tokens += artifact(mel[i:i + 9], max_new_tokens=args.max_new_tokens)
             rows.append({"model": name, "runtime": {"ort": "ONNX Runtime", "openvino": "OpenVINO"}[runtime],
                          "seconds": time.perf_counter() - t0,
-                         **scores(tok, refs, eval_idx, tokens, torch_tokens[name])})
+                         **scores(tok, refs, eval_idx, tokens, torch_tokens[name.split()[0]])})
             print(f"{name} {runtime} WER eval {rows[-1]['wer_eval']:.2f}, vs PyTorch "
                   f"{rows[-1]['wer_vs_pytorch_all']:.2f}", flush=True)
     pytorch_q = next(r for r in rows if r["model"] == "W8A8" and r["runtime"] == "PyTorch")
     targets = []
     for r in rows:
-        if r["model"] == "W8A8" and r["runtime"] != "PyTorch":
+        if r["model"].startswith("W8A8") and r["runtime"] != "PyTorch":
             rel = abs(r["wer_eval"] - pytorch_q["wer_eval"]) / max(pytorch_q["wer_eval"], 1e-9)
-            targets.append(f"{r['runtime']} INT8: WER {r['wer_eval']:.2f} vs PyTorch {pytorch_q['wer_eval']:.2f} "
+            targets.append(f"{r['runtime']} {r['model']}: WER {r['wer_eval']:.2f} vs PyTorch {pytorch_q['wer_eval']:.2f} "
                            f"({100 * rel:.1f} % relative): {'met' if rel <= 0.02 else 'not met'}")
     from esc_plugin.export import int8_kernels_exact
     res = {"provenance": provenance(), "quantization": quant_info, "max_new_tokens": args.max_new_tokens,

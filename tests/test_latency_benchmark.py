@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-BACKENDS = {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int8_weights"}
+BACKENDS = {"pytorch_fp32", "ort_fp32", "ort_int8", "ort_int8_weights", "ov_fp32", "ov_int8"}
 
 
 def _load(name):

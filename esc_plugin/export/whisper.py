@@ -65,31 +65,49 @@ def dedupe_initializers(model):
     """
     from onnx import numpy_helper
 
-    seen, rename, kept = {}, {}, []
+    from onnx import helper
+
+    def digest(array):
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+    seen, rename, transposed, kept = {}, {}, {}, []
     for t in model.graph.initializer:
-        key = (t.data_type, tuple(t.dims), hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest())
+        array = numpy_helper.to_array(t)
+        key = (t.data_type, array.shape, digest(array))
         if key in seen:
             rename[t.name] = seen[key]
-        else:
-            seen[key] = t.name
-            kept.append(t)
+            continue
+        if array.ndim == 2 and array.size > 1 << 16:
+            key_t = (t.data_type, array.shape[::-1], digest(array.T))
+            if key_t in seen:  # the exporter's pre-transposed copy of a tied MatMul weight
+                transposed[t.name] = seen[key_t]
+                continue
+        seen[key] = t.name
+        kept.append(t)
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
+    # A Transpose node instead of the stored copy: runtimes fold it once when they load the model.
+    extra = [helper.make_node("Transpose", [source], [name], name=f"{name}_from_tied", perm=[1, 0])
+             for name, source in transposed.items()]
+    nodes = extra + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    return len(rename)
+    return len(rename) + len(transposed)
 
 
-def _export_graph(module, model, example, path, names, dynamic_axes, quantized):
+def _export_graph(module, model, example, path, names, dynamic_axes, quantized, clip_activations=False):
     import onnx
     import torch
 
     if quantized:
         from .onnx import export_qdq_onnx
         module.__dict__["esc_plan"] = model.__dict__["esc_plan"]  # the graph is a view of qmodel
-        export_qdq_onnx(module, example, path, names[0], names[1], dynamic_axes=dynamic_axes)
+        export_qdq_onnx(module, example, path, names[0], names[1], dynamic_axes=dynamic_axes,
+                        clip_activations=clip_activations)
     else:
         with atomic_path(path) as tmp, torch.no_grad():
             torch.onnx.export(module, example, tmp, input_names=names[0], output_names=names[1],
@@ -104,7 +122,7 @@ def _export_graph(module, model, example, path, names, dynamic_axes, quantized):
     return removed
 
 
-def export_whisper(model, folder, example_mel=None, cache_len=16):
+def export_whisper(model, folder, example_mel=None, cache_len=16, clip_activations=False):
     """Write ``encoder.onnx``, ``decoder.onnx`` and ``whisper.json`` for ``model`` into ``folder``.
 
     Arguments
@@ -117,6 +135,9 @@ def export_whisper(model, folder, example_mel=None, cache_len=16):
         (B, 80, 3000) log-mel used to trace (default zeros); any batch runs later.
     cache_len : int
         Cache length of the traced example; the exported axis is dynamic.
+    clip_activations : bool
+        Passed to :func:`~esc_plugin.export.export_qdq_onnx`: a Clip before each activation
+        QuantizeLinear, so that values beyond ``-amax`` saturate at -127 as in the simulation.
 
     Returns
     -------
@@ -144,12 +165,12 @@ def export_whisper(model, folder, example_mel=None, cache_len=16):
     kv_axes = {1: "batch", 3: "cache_len"}
     spec["deduplicated_initializers"] = {
         "encoder": _export_graph(encoder, model, (mel,), folder / "encoder.onnx", ENCODER_IO,
-                                 {"mel": {0: "batch"}, "cross_kv": {1: "batch"}}, quantized),
+                                 {"mel": {0: "batch"}, "cross_kv": {1: "batch"}}, quantized, clip_activations),
         "decoder": _export_graph(WhisperDecoderStep(model).eval(), model, step_inputs, folder / "decoder.onnx",
                                  DECODER_IO, {"tokens": {0: "batch"}, "self_kv": kv_axes,
                                               "cross_kv": {1: "batch"}, "logits": {0: "batch"},
-                                              "new_self_kv": kv_axes}, quantized)}
-    spec.update(quantized=quantized, files={"encoder": "encoder.onnx", "decoder": "decoder.onnx"})
+                                              "new_self_kv": kv_axes}, quantized, clip_activations)}
+    spec.update(quantized=quantized, clip_activations=bool(clip_activations and quantized), files={"encoder": "encoder.onnx", "decoder": "decoder.onnx"})
     spec["bytes"] = {k: os.path.getsize(folder / v) for k, v in spec["files"].items()}
     write_json(folder / SPEC_FILE, spec)
     return spec
