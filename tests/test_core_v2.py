@@ -460,3 +460,9 @@ def test_smoothquant_auto_alpha_is_chosen_per_site(tmp_path):
         assert torch.equal(again(data[1]), auto(data[1]))
     with pytest.raises(ConfigError, match="'auto'"):
         esc.QuantConfig(smoothquant_alpha="best")
+    # conv sites: the α search runs the float conv (the quantized module's own forward quantizes)
+    conv = nn.Sequential(nn.Conv1d(16, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 1)).eval()
+    xs = [torch.randn(2, 16, 20) * scale.view(1, -1, 1) for _ in range(2)]
+    q = esc.quantize(conv, esc.QuantConfig(**cfg, smoothquant_alpha="auto"), lambda m: [m(x) for x in xs],
+                     progress=False)
+    assert set(next(t for t in q.esc_state["transforms"])["state"]["alphas"]) == {"0", "2"}

@@ -153,8 +153,12 @@ def _migration(point, x_max, alpha):
 
 
 def _op(point, x, weight):
+    """The site's float op (its input quantizer bypassed) with ``weight``."""
     m = point.module
-    return F.linear(x, weight, m.bias) if point.op == "linear" else m._conv_forward(x, weight, m.bias)
+    if point.op == "linear":
+        return F.linear(x, weight, m.bias)
+    conv = next(c for c in type(m).__mro__ if c in (torch.nn.Conv1d, torch.nn.Conv2d))
+    return conv._conv_forward(m, x, weight, m.bias)
 
 
 @torch.no_grad()
