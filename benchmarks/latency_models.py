@@ -227,13 +227,29 @@ class FeatsToLogits(torch.nn.Module):
         return self.model(feats)
 
 
+class ASTForExport(torch.nn.Module):
+    """The recipe's AST forward with the batch size read from the tensor, not ``len()`` (which the
+    TorchScript exporter bakes in as a constant: the exported graph would only run at the example's batch)."""
+
+    def __init__(self, ast):
+        super().__init__()
+        self.ast = ast
+
+    def forward(self, feats):
+        a = self.ast
+        tokens = a.patch_embedding(feats.unsqueeze(1)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([a.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        encoded, _ = a.encoder(a.embedding_dropout(tokens + a.position_embedding))
+        return a.head(encoded[:, 0])
+
+
 def build_ast(shared_root=None, n_calib: int = 16) -> BenchModel:
     """The in-project AST (``recipes/SpeechCommands/KWS/ast``), randomly initialised: latency only."""
     hp, _ = _recipe_hparams("SpeechCommands/KWS/ast", "ast.yaml")
     with torch.no_grad():
         feats = hp["compute_features"](_speech_commands_wavs(shared_root, N_INPUTS + n_calib))
     return BenchModel(
-        name="ast", model=FeatsToLogits(hp["ast"]).eval(), inputs=feats[:N_INPUTS],
+        name="ast", model=ASTForExport(hp["ast"]).eval(), inputs=feats[:N_INPUTS],
         calibration=[feats[N_INPUTS:]], input_name="fbank", output_name="logits",
         description=f"in-project AST ({hp['num_layers']} layers, d {hp['d_model']}, patches "
                     f"{hp['patch_size']}), random weights, fbank {feats.shape[1]}x{feats.shape[2]} (1 s)")
