@@ -6,6 +6,8 @@ Examples
     esc-quantize run --task honk --bits 4 --method esc --out runs/honk-w4a4
     esc-quantize run --task honk --bits 4 --method esc_initbest --out runs/honk-w4a4-initbest
     esc-quantize run --task mypkg.tasks:build --bits 8 --out runs/mine
+    esc-quantize export runs/honk-w8 --format openvino --check   # -> runs/honk-w8/model.xml (+ .bin)
+    esc-quantize run --task demo --bits 8 --out runs/demo-w8 --export qdq-onnx
 
 Every option is checked before any work: the quantization config is built
 first, then ``--out`` (and ``--checkpoint``'s folder) must be creatable and
@@ -19,9 +21,30 @@ import os
 import sys
 import tempfile
 
-from esc_plugin.core.errors import ConfigError
+from esc_plugin.core.errors import ConfigError, QuantizationError
+
+# esc_plugin.export.artifacts.FORMATS / esc_plugin.export.MODES (a test keeps them equal), spelled out
+# here so that parsing the command line does not import torch.
+FORMATS = ("qdq-onnx", "openvino", "tensorrt")
+MODES = ("qdq", "simulation", "weight_only")
 from esc_plugin.core.presets import config_for, preset_names
 from esc_plugin.core.registry import calibrator_names, get_calibrator
+
+
+EXPORT_HELP = """Export a quantized result to a deployment artifact.
+
+    esc-quantize export runs/demo-w8                             # QDQ ONNX, ONNX Runtime
+    esc-quantize export runs/demo-w8 --format openvino --check   # OpenVINO IR, int8 kernels checked
+    esc-quantize export runs/demo-w4 --mode simulation           # W4A4 as float ONNX ops
+    esc-quantize export model_w8a8.nemo --format qdq-onnx --check
+
+Everything (source, format, mode, runtimes, output path) is checked before any
+model is built; an existing artifact is replaced only with --overwrite, and
+files are written beside their target and renamed into place. --format
+tensorrt writes the QDQ ONNX and builds the engine where TensorRT is
+installed; where it is not, it says so, prints the trtexec command to run
+where it is, and exits with status 3.
+"""
 
 
 def _methods_help():
@@ -74,6 +97,34 @@ def build_parser():
                           "default: the task's own calibration set")
     run.add_argument("--shared", default=None, help="folder with real data/models (default $ESC_SHARED or ../shared)")
     run.add_argument("--checkpoint", default=None, help="ESC: CMA-ES state file; rerun to resume")
+    run.add_argument("--export", default=None, choices=FORMATS,
+                     help="then export the quantized model to <out>/model.onnx | model.xml | model.engine "
+                          "and check it (as esc-quantize export --check); needs --out")
+    run.add_argument("--export-mode", default="qdq", choices=MODES, help="--export's mode (default qdq)")
+    run.add_argument("--overwrite", action="store_true", help="--export may replace an existing artifact")
+
+    exp = sub.add_parser("export", help="write a quantized result as QDQ ONNX, OpenVINO IR or a TensorRT "
+                                        "engine, and check it against the fake-quantized model",
+                         description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("source", help="an esc-quantize run --out folder (or its quantized.pt), or a quantized .nemo")
+    exp.add_argument("--format", default="qdq-onnx", choices=FORMATS, help="artifact (default qdq-onnx)")
+    exp.add_argument("--out", default=None, help="artifact path (default: model.onnx | model.xml | model.engine "
+                                                 "beside quantized.pt; <name>.onnx|.xml|.engine beside a .nemo)")
+    exp.add_argument("--mode", default="qdq", choices=MODES,
+                     help="qdq: int8 Q/DQ (default); simulation: the fake quantization as float ops (any "
+                          "bit width, W4A4 included); weight_only: only the weights' Q/DQ")
+    exp.add_argument("--check", action="store_true",
+                     help="run the artifact on the calibration inputs: agreement with the fake-quantized "
+                          "PyTorch model, the int8 kernels the runtime ran, the task metric")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    exp.add_argument("--threads", type=int, default=1, help="runtime threads for --check (default 1)")
+    exp.add_argument("--task", default=None, help="the task that made the result, when its folder has no "
+                                                  "task.json (or for a package.module:function builder)")
+    exp.add_argument("--shared", default=None, help="folder with real data/models, if it moved since the run")
+    exp.add_argument("--clip-activations", action="store_true",
+                     help="Clip before each activation QuantizeLinear (the graph then matches the "
+                          "narrow-range simulation exactly)")
+    exp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -144,6 +195,8 @@ def _with_task_calibration(cfg, task, given):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(parser, args)
     command = sys.argv if argv is None else ["esc-quantize", *argv]
     search = dict(budget=args.budget, sigma0=args.sigma0, popsize=args.popsize, seed=args.seed)
     try:
@@ -165,6 +218,7 @@ def main(argv=None):
                 check_writable_folder(args.out)
             if args.checkpoint:
                 check_writable_folder(os.path.dirname(os.path.abspath(args.checkpoint)), "--checkpoint's folder")
+            export_request = _run_export_request(args, cfg, kwargs)
     except ConfigError as e:
         parser.error(str(e))
 
@@ -181,6 +235,7 @@ def main(argv=None):
         task = get_task("demo", seed=args.seed)
         n = task.info.get("n_calib")
         rows = run_table(task, args.bits, args.methods, out, progress=progress, command=command,
+                         task_spec=("demo", {"seed": args.seed}),
                          **search, **({"n_samples": n} if isinstance(n, int) and n >= 1 else {}))
         print("\n" + markdown_table(task, rows))
         print(f"\nReports, plots and quantized states under {out}/")
@@ -190,13 +245,75 @@ def main(argv=None):
     cfg = _with_task_calibration(cfg, task, given=args.n_samples is not None)
     with torch.no_grad():
         fp32 = task.evaluate(task.model)
-    qmodel, metrics, seconds = quantize_task(task, cfg, args.out, progress, command=command)
+    qmodel, metrics, seconds = quantize_task(task, cfg, args.out, progress, command=command,
+                                             task_spec=(args.task, kwargs))
     print(qmodel.esc_report.summary())
     print(f"{task.name}: FP32 {task.metric}={fp32[task.metric]:.3f}  "
           f"W{cfg.weight_bits}A{cfg.act_bits} {label_of(cfg)} {task.metric}={metrics[task.metric]:.3f}  "
           f"({seconds:.1f} s)")
     if args.out:
         print(f"outputs in {args.out}/")
+    if export_request is None:
+        return 0
+    from esc_plugin.export.command import export_task_model
+
+    try:
+        result = export_task_model(task, qmodel, export_request, check=True, progress=progress)
+    except QuantizationError as e:
+        print(f"esc-quantize: error: {e}", file=sys.stderr)
+        return 1
+    return _report_export(export_request, result)
+
+
+def _run_export_request(args, cfg, task_kwargs):
+    """``run --export``: the export's checks (format vs bit widths, runtimes, output path), before work."""
+    if args.export is None:
+        for flag, used in (("--overwrite", args.overwrite), ("--export-mode", args.export_mode != "qdq")):
+            if used:
+                raise ConfigError(f"{flag} applies to --export: add --export qdq-onnx|openvino|tensorrt or drop {flag}.")
+        return None
+    if not args.out:
+        raise ConfigError("--export needs --out: the artifact is written into the run folder, beside quantized.pt.")
+    from esc_plugin.export.artifacts import DEFAULT_NAMES
+    from esc_plugin.export.command import ExportRequest, check_format, check_output, check_runtimes
+
+    check_format(args.export, args.export_mode, cfg.weight_bits, cfg.act_bits)
+    check_runtimes(args.export, check=not (args.export == "tensorrt"))
+    out = os.path.join(args.out, DEFAULT_NAMES[args.export])
+    check_output(args.export, out, args.overwrite)
+    return ExportRequest("task", args.out, args.export, args.export_mode, out, task=args.task,
+                         task_kwargs=task_kwargs)
+
+
+def _export(parser, args):
+    from esc_plugin.export.command import export_result, plan_export
+
+    try:
+        request = plan_export(args.source, args.format, args.out, args.mode, args.overwrite, args.check,
+                              args.task, args.shared, args.clip_activations, args.threads)
+    except ConfigError as e:
+        parser.error(str(e))
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    try:
+        result = export_result(request, check=args.check, progress=not args.no_progress)
+    except QuantizationError as e:
+        print(f"esc-quantize: error: {e}", file=sys.stderr)
+        return 1
+    return _report_export(request, result)
+
+
+def _report_export(request, result):
+    """Print what was written; exit status 3 when the TensorRT engine could not be built here."""
+    for path in result["files"]:
+        print(f"wrote {path}")
+    if request.fmt == "tensorrt" and result.get("artifact") is None:
+        from esc_plugin.export.tensorrt import INSTALL_HINT
+
+        print(f"TensorRT engine not built: {INSTALL_HINT}\nOn a machine with TensorRT 10+ and an NVIDIA GPU, "
+              f"build it from the QDQ ONNX written above with:\n  {result['trtexec']}")
+        return 3
     return 0
 
 

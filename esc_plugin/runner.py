@@ -47,9 +47,12 @@ def provenance(command=None):
             "command": list(sys.argv if command is None else command)}
 
 
-def quantize_task(task, config, out_dir=None, progress=True, command=None, prov=None):
+def quantize_task(task, config, out_dir=None, progress=True, command=None, prov=None, task_spec=None):
     """Quantize ``task.model`` with ``config``; evaluate; write outputs to ``out_dir``
-    (``metrics.json`` records ``prov``, default :func:`provenance` of ``command``)."""
+    (``metrics.json`` records ``prov``, default :func:`provenance` of ``command``).
+
+    ``task_spec=(name, builder_kwargs)`` also writes ``task.json``, which lets
+    ``esc-quantize export`` rebuild the FP32 model of the run."""
     t0 = time.perf_counter()
     qmodel = esc.quantize(task.model, config, task.forward_loop, task.objective, progress=progress)
     seconds = time.perf_counter() - t0
@@ -64,6 +67,9 @@ def quantize_task(task, config, out_dir=None, progress=True, command=None, prov=
         write_json(os.path.join(out_dir, "metrics.json"),
                    {"metrics": metrics, "seconds": seconds, "config": label_of(config),
                     "provenance": provenance(command) if prov is None else prov})
+        if task_spec is not None:
+            from esc_plugin.export.command import write_task_file
+            write_task_file(out_dir, *task_spec)
     return qmodel, metrics, seconds
 
 
@@ -82,7 +88,7 @@ def evaluation_overhead(seconds, timings):
 
 
 def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True, on_row=None,
-              keep_going=False, command=None, **overrides):
+              keep_going=False, command=None, task_spec=None, **overrides):
     """FP32 + every (bits, preset): rows of {config, method, metrics, objective, seconds}.
 
     ``methods`` are preset names (default: every registered calibrator).
@@ -93,7 +99,7 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
     archive ``out_dir``. With ``keep_going=True`` a configuration that raises
     is reported, listed under ``"failed"`` in results.json and skipped instead
     of ending the table. ``command`` is recorded in results.json (default
-    ``sys.argv``).
+    ``sys.argv``). ``task_spec`` (see :func:`quantize_task`) goes into each run folder.
     """
     methods = list(calibrator_names() if methods is None else methods)
     configs = table_configs(bits_list, methods, **overrides)
@@ -116,7 +122,7 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
         label = label_of(cfg)
         sub = os.path.join(out_dir, f"w{bits}a{bits}_{label}") if out_dir else None
         try:
-            qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress, prov=prov)
+            qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress, prov=prov, task_spec=task_spec)
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
         except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going

@@ -1,0 +1,61 @@
+"""``esc-quantize export model_w8a8.nemo``: a quantized ``.nemo`` through NeMo's exporter.
+
+The graph is NeMo's (``forward_for_export``: encoder + decoder on the
+preprocessor's features, inputs ``audio_signal`` (batch x features x time) and
+``length``), written by :func:`esc_plugin.nemo.export.export_quantized_asr_model`.
+A ``.nemo`` holds no calibration audio, so ``--check`` compares the artifact
+with the fake-quantized model on NeMo's own export example (``input_example()``:
+random features), and there is no task metric to report.
+"""
+
+import numpy as np
+import torch
+
+from .artifacts import profile_shapes, runner_for, tensorrt_available, trtexec_command
+
+
+def _logprobs(qmodel, feats, lens):
+    with torch.no_grad():
+        return qmodel(processed_signal=feats, processed_signal_length=lens)[0].numpy()
+
+
+def export_nemo(request, check=False):
+    """Restore the quantized ``.nemo`` of ``request``, write its artifact, optionally check it."""
+    from esc_plugin.nemo import export_quantized_asr_model, restore_quantized_asr_model
+
+    from .artifacts import kernel_summary, write_onnx_artifact
+    from .check import agreement
+
+    print(f"Restoring {request.source} (NeMo) ...", flush=True)
+    qmodel = restore_quantized_asr_model(request.source).eval()
+    files = write_onnx_artifact(request.fmt, request.out, lambda path: export_quantized_asr_model(
+        qmodel, path, mode=request.mode, clip_activations=request.clip_activations))
+    result = {"files": files, "artifact": request.out}
+    onnx_path = files[0]
+    example = tuple(qmodel.input_example())[:2]
+    if request.fmt == "tensorrt":
+        import onnx
+
+        names = [i.name for i in onnx.load(onnx_path, load_external_data=False).graph.input]
+        shapes = profile_shapes({n: tuple(x.shape) for n, x in zip(names, example)})
+        result["trtexec"] = trtexec_command(onnx_path, request.out, shapes)
+        if tensorrt_available():
+            from .tensorrt import build_engine
+            build_engine(onnx_path, request.out, shapes, qmodel=qmodel)
+            result["files"].append(request.out)
+            result["artifact"] = request.out
+        else:
+            result["artifact"] = None
+    if check and result["artifact"]:
+        runner = runner_for(request.fmt, result["artifact"], request.threads)
+        ref = _logprobs(qmodel, *example)
+        got = np.asarray(runner(*example)[0])
+        a = agreement([ref.reshape(len(ref), -1)], [got.reshape(len(got), -1)])
+        print(f"Agreement with the fake-quantized NeMo model on NeMo's export example (random features; "
+              f"a .nemo holds no calibration audio): relative L2 {a['rel_l2']:.3g}, max |diff| "
+              f"{a['max_abs']:.3g}", flush=True)
+        kernels = kernel_summary(request.fmt, runner)
+        print(kernels, flush=True)
+        result["check"] = {"agreement": a, "kernels": kernels, "metric": None,
+                           "metric_error": "a .nemo holds no evaluation data"}
+    return result
