@@ -136,6 +136,22 @@ class QuantConfig:
         ``"error"`` (default): a NaN or inf in a calibration activation stops
         the run with the layer and batch named; ``"ignore"``: non-finite
         values are left out of the statistics (and counted in the report).
+    executor : str
+        ESC: where each CMA-ES generation's candidates are evaluated:
+        ``"serial"`` (default, in this process) or ``"ray"`` (``workers`` Ray
+        actors, each sent the quantized copy and the objective once; needs
+        ``pip install -e ".[ray]"``). Any executor ends with the same scales
+        as ``"serial"``. See :mod:`esc_plugin.core.executors`.
+    workers : int
+        ``executor="ray"``: number of actors (1 or more).
+    num_gpus_per_worker : float
+        ``executor="ray"``: GPUs reserved per actor (1: one actor per GPU; 0: CPU actors).
+    batch_candidates : int
+        ESC: evaluate this many candidates in one forward pass, the
+        calibration batch tiled k times with per-candidate activation scales
+        (1: one by one). Needs an objective that declares it can be batched
+        (the distillation objective and the built-in tasks' do); see
+        :mod:`esc_plugin.core.batching`.
     """
 
     bits: int = 8
@@ -168,6 +184,10 @@ class QuantConfig:
     max_drop: Optional[float] = None
     smoothquant_alpha: Union[float, str] = 0.5
     nan_policy: str = "error"
+    executor: str = "serial"
+    workers: int = 1
+    num_gpus_per_worker: float = 0.0
+    batch_candidates: int = 1
 
     def __post_init__(self):
         from .registry import get_calibrator, get_transform
@@ -235,6 +255,7 @@ class QuantConfig:
         for name in ("quantize_layernorm", "quantize_attention", "quantize_embeddings", "keep_init_if_worse"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false.")
+        _check_execution(self)
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise ConfigError(f"checkpoint={self.checkpoint!r} must be a file path (str) or None.")
         if self.checkpoint is not None:
@@ -277,6 +298,26 @@ def _init(self, *args, **kwargs):
 _init.__doc__ = _DATACLASS_INIT.__doc__
 _init.__signature__ = __import__("inspect").signature(_DATACLASS_INIT)
 QuantConfig.__init__ = _init
+
+
+def _check_execution(cfg):
+    """``executor`` / ``workers`` / ``num_gpus_per_worker`` / ``batch_candidates``."""
+    from .executors import executor_names
+
+    _string("executor", cfg.executor)
+    _choice("executor", cfg.executor, executor_names())
+    _integer("workers", cfg.workers, "the number of Ray actors, e.g. 2", low=1)
+    if cfg.workers > 1 and cfg.executor == "serial":
+        raise ConfigError(f"workers={cfg.workers} needs executor='ray' (the serial executor has one worker: "
+                          "this process).")
+    gpus = cfg.num_gpus_per_worker
+    if isinstance(gpus, bool) or not isinstance(gpus, numbers.Real) or gpus < 0:
+        raise ConfigError(f"num_gpus_per_worker={_kind(gpus)} must be a number >= 0 (1: one actor per GPU, "
+                          "0: CPU actors).")
+    if gpus and cfg.executor == "serial":
+        raise ConfigError(f"num_gpus_per_worker={gpus} needs executor='ray' (the serial executor runs on the "
+                          "model's own device).")
+    _integer("batch_candidates", cfg.batch_candidates, "the candidates per forward pass, e.g. 1 or 16", low=1)
 
 
 def _kind(value):

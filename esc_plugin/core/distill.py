@@ -121,6 +121,10 @@ class DistillObjective:
         Fraction of rows (samples) held back for selection (0: none).
     """
 
+    # Its model calls are the forward loop's (batch-first for the integrations' models) and the
+    # distances are per sample: QuantConfig(batch_candidates=k) can tile them (core/batching.py).
+    supports_candidate_batching = True
+
     def __init__(self, forward_loop, targets, kind, holdout=0.0, heads=None):
         if not targets or not any(targets):
             raise CalibrationError(

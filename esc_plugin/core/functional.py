@@ -89,6 +89,8 @@ class FunctionalLinearMixin:
                 wq = weight_quantizer(self.esc_weight_bits)
                 calibrate_weight(wq, self.get_parameter(pname))
             q = ActivationQuantizer(self.esc_act_bits, f"{self.esc_name}.{key}")
+            if isinstance(self, nn.MultiheadAttention):  # F.multi_head_attention_forward works time-major
+                q.candidate_layout = "time_major"
             point = self._esc_point(q, pname, key, size, stride, offset)
             self.esc_on_new_point(point)  # the plan turns q off while it observes the FP32 model...
             if wq is not None:

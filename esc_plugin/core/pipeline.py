@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .batching import supports_batching
 from .config import QuantConfig
 from .context import CalibrationContext
 from .coverage import build_coverage, trace_ops
@@ -34,12 +35,28 @@ def check_inputs(model, config, forward_loop, objective):
         raise CalibrationError(f"method={config.method!r} needs an objective: a callable objective(model) -> "
                                "float returning the task error on the calibration samples (lower is better).")
     check_not_quantized(model)
+    check_execution(config, objective, forward_loop)
     passes = [(get_transform(name), get_transform(name).cls(config)) for name in config.ptq]
     for tspec, transform in passes:
         check = getattr(transform, "check", None)
         if check is not None:
             check(model)  # raises a ConfigError naming the structure it needs
     return config, spec, passes
+
+
+def check_execution(config, objective, forward_loop=None):
+    """``executor`` / ``batch_candidates`` can serve this objective (Ray installed, the objective and loop
+    picklable, the objective batchable)."""
+    if config.executor == "ray":
+        from .executors.ray_actors import check_picklable
+
+        check_picklable(objective=objective, forward_loop=forward_loop)
+    if config.batch_candidates > 1 and objective is not None and not supports_batching(objective):
+        raise ConfigError(
+            f"batch_candidates={config.batch_candidates} needs an objective that declares it can be batched "
+            "(its model calls take batch-first inputs, return per-sample outputs and do not depend on earlier "
+            "outputs; see esc_plugin.core.batching): set objective.supports_candidate_batching = True if so, "
+            "pass no objective (the label-free distillation objective can), or use batch_candidates=1.")
 
 
 def run_pipeline(model, config, forward_loop, objective, progress=True):
@@ -167,6 +184,7 @@ class _Sum:
     def __init__(self, objective, distill, weight):
         self.objective, self.distill, self.weight = objective, distill, weight
         self.last_selection = None
+        self.supports_candidate_batching = supports_batching(objective) and supports_batching(distill)
 
     def __call__(self, model):
         return float(self.objective(model)) + self.weight * self.distill(model)

@@ -16,6 +16,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
     from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
 
 from .errors import CalibrationError
 from .numerics import MIN_AMAX, fake_quant  # noqa: F401  (fake_quant re-exported)
@@ -36,6 +37,40 @@ class ActivationQuantizer(TensorQuantizer):
         # input-channel axis. A buffer, so it follows .to(device) and the state dict.
         self.register_buffer("pre_scale", None)
         self.pre_scale_axis = -1
+        # Population batching (core/batching.py): while k candidates share a tiled batch, their k amax
+        # values, the tiled batch size k·B of the current call, and where the candidates' rows lie:
+        # "batch_first" (k blocks along dim 0) or "time_major" ((T, k·B, ...) or (T·k·B, ...), as in
+        # torch's multi_head_attention_forward).
+        self.candidate_amax, self.candidate_rows, self.candidate_layout = None, None, "batch_first"
+
+    def set_candidate_amax(self, values):
+        """Quantize the k candidates' rows with k amax values (None: back to one amax).
+
+        The arithmetic is modelopt's, with the amax broadcast per block of rows.
+        """
+        self.candidate_amax = None if values is None else \
+            torch.as_tensor(values, dtype=torch.float32).clamp_min(MIN_AMAX).reshape(-1)
+
+    def _quantize_per_candidate(self, inputs):
+        k, rows = self.candidate_amax.numel(), self.candidate_rows
+        x = inputs.contiguous()
+        if self.candidate_layout == "time_major" and rows and x.dim() >= 2 and x.shape[1] == rows:
+            blocks, shape = x.reshape(x.shape[0], k, -1), (1, k, 1)
+        elif self.candidate_layout == "time_major" and rows and x.dim() == 2 and x.shape[0] % rows == 0:
+            blocks, shape = x.reshape(-1, k, rows // k * x.shape[1]), (1, k, 1)  # (T·k·B, D) -> (T, k, B·D)
+        elif self.candidate_layout == "batch_first" and x.dim() and x.shape[0] % k == 0:
+            blocks, shape = x.reshape(k, -1), (k, 1)
+        else:
+            from .batching import BatchingError
+
+            raise BatchingError(
+                f"batch_candidates={k}: the input of '{self.esc_name}' has shape {tuple(inputs.shape)}, which does not "
+                f"hold {k} candidates' rows ({self.candidate_layout.replace('_', '-')}, {rows} tiled rows): "
+                "population batching needs batch-first activations at every quantized op. Use batch_candidates=1 "
+                "for this model.")
+        amax = self.candidate_amax.to(inputs.device).reshape(shape)
+        out = fake_tensor_quant(blocks, amax, None, self._num_bits, self._unsigned, self._narrow_range)
+        return out.reshape(inputs.shape)
 
     def set_pre_scale(self, scale, axis):
         """Divide the input by ``scale`` along ``axis`` before quantizing (None removes it)."""
@@ -54,6 +89,8 @@ class ActivationQuantizer(TensorQuantizer):
         inputs = self.apply_pre_scale(inputs)
         if self.observer is not None:
             self.observer(inputs)
+        if getattr(self, "candidate_amax", None) is not None and self.is_enabled and inputs.numel():
+            return self._quantize_per_candidate(inputs)
         if self.is_enabled and getattr(self, "_amax", None) is None and not self._if_calib:
             raise CalibrationError(
                 f"activation quantizer '{self.esc_name}' has no amax: the calibration "

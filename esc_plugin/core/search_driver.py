@@ -1,8 +1,11 @@
 """ESC step 2 driver: the ask/evaluate/tell loop, progress and resumable checkpoints.
 
 The optimizer (:class:`~esc_plugin.core.search.ScaleSearch`) never calls the
-objective; this loop does, through the calibration context, so evaluation can
-be replaced (batched, remote) without touching the optimizer.
+objective; this loop hands each generation's candidates to the executor
+``QuantConfig(executor=...)`` names (:mod:`esc_plugin.core.executors`: in
+this process, or on Ray actors; optionally ``batch_candidates`` per forward
+pass) and tells CMA-ES their losses in candidate order, so the scales do not
+depend on where or how many at a time they were evaluated.
 
 Checkpoints hold plain arrays only (the init, and every generation's
 candidates and losses), never pickled objects: resuming rebuilds the search
@@ -18,11 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .executors import make_executor
 from .io import torch_save
 from .search import ScaleSearch
 from .state import read_state_file
 
 CHECKPOINT_FORMAT = "esc_plugin.cma_checkpoint/2"
+# Options that do not change the answer: a run may resume with another executor or worker count.
+NOT_IN_FINGERPRINT = ("checkpoint", "executor", "workers", "num_gpus_per_worker")
 
 
 def run_fingerprint(config, site_names, model_digest, maxes):
@@ -33,7 +39,7 @@ def run_fingerprint(config, site_names, model_digest, maxes):
     data gives other maxima.
     """
     data = [float(f"{m:.5e}") for m in np.asarray(maxes, dtype=np.float64)]
-    payload = [{k: v for k, v in config.to_dict().items() if k != "checkpoint"}, list(site_names),
+    payload = [{k: v for k, v in config.to_dict().items() if k not in NOT_IN_FINGERPRINT}, list(site_names),
                model_digest, data]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
 
@@ -58,19 +64,25 @@ class SearchDriver:
         self._replay(search, self.generations)
         bar = tqdm(total=search.budget, initial=search.evaluations, desc="ESC CMA-ES",
                    disable=not self.ctx.progress)
-        while not search.done:
-            candidates = search.ask()
-            losses, selections = [], []
-            for c in candidates:
-                losses.append(self.ctx.evaluate(c))
-                selections.append(self.ctx.evaluator.last_selection)
-                bar.update(1)
-            search.tell(candidates, losses, selections)
-            self.generations.append({"candidates": np.stack(candidates), "losses": np.asarray(losses),
-                                     "selections": _nan_for_none(selections)})
-            bar.set_postfix(best=f"{search.best_loss:.4g}")
-            self.save()
-        bar.close()
+        executor = make_executor(self.ctx) if not search.done else None
+        timings = self.ctx.report.timings
+        timings.setdefault("search_evaluation_seconds", 0.0)  # summed over workers: > wall time when parallel
+        try:
+            while not search.done:
+                candidates = search.ask()
+                evaluations = executor.evaluate(candidates, progress=bar.update)
+                timings["search_evaluation_seconds"] += sum(e.seconds for e in evaluations)
+                losses = [e.loss for e in evaluations]
+                selections = [e.selection for e in evaluations]
+                search.tell(candidates, losses, selections)
+                self.generations.append({"candidates": np.stack(candidates), "losses": np.asarray(losses),
+                                         "selections": _nan_for_none(selections)})
+                bar.set_postfix(best=f"{search.best_loss:.4g}")
+                self.save()
+        finally:
+            if executor is not None:
+                executor.close()
+            bar.close()
         return search
 
     def _replay(self, search, generations):

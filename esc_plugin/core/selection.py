@@ -45,6 +45,10 @@ class SplitObjective:
     True
     """
 
+    #: set True when ``fn``'s model calls can be tiled by ``QuantConfig(batch_candidates=k)``
+    #: (see :mod:`esc_plugin.core.batching`); its two parts inherit it
+    supports_candidate_batching = False
+
     def __init__(self, fn, n):
         self.fn, self.n = fn, n
         if n < 2:
@@ -57,4 +61,15 @@ class SplitObjective:
         every = max(2, min(round(1 / fraction), self.n))
         held = [i for i in range(self.n) if i % every == every - 1]
         rest = [i for i in range(self.n) if i % every != every - 1]
-        return (lambda m: self.fn(m, rest)), (lambda m: self.fn(m, held))
+        return _Part(self, rest), _Part(self, held)
+
+
+class _Part:
+    """``fn(model, indices)`` for one part of a :class:`SplitObjective` (picklable, unlike a lambda)."""
+
+    def __init__(self, whole, indices):
+        self.fn, self.indices = whole.fn, indices
+        self.supports_candidate_batching = whole.supports_candidate_batching
+
+    def __call__(self, model):
+        return self.fn(model, self.indices)

@@ -242,6 +242,8 @@ def build_honk_task(shared_root=None, variant: str = "res8_narrow", n_calib: int
 
     # split-aware: the selection guard scores held-back calibration clips
     objective = SplitObjective(score, len(y_cal))
+    # its model calls are batch-first and the metric reduces per candidate: batch_candidates can tile it
+    objective.supports_candidate_batching = True
 
     def evaluate(m: nn.Module) -> Dict[str, float]:
         logits = _logits(m, x_ev, batch_size)

@@ -39,6 +39,8 @@ def configs(cfg):
     for side in ("weight_bits", "act_bits"):
         if cfg.get(side) is not None:
             options[side] = int(cfg[side])
+    if cfg.get("quantization"):  # further QuantConfig options: executor, workers, batch_candidates, ...
+        options.update(OmegaConf.to_container(cfg.quantization, resolve=True))
     methods = [cfg.quantize] + [m for m in (cfg.compare or []) if m != cfg.quantize]
     return {m: quantization_config(m, bits=int(cfg.bits), **options) for m in methods}
 

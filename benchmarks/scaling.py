@@ -1,0 +1,210 @@
+"""Scaling the ESC search (issue #12): evaluations/s and ESC wall-clock, serial vs Ray vs batching.
+
+Rows per model: the serial executor (torch's own threads, as a user runs it),
+Ray with 1 and 2 workers (a local runtime of ``--ray-cpus`` CPUs, actors
+started fresh for each row, so their start-up is in the wall-clock), and
+population batching ``batch_candidates`` = 1 / 4 / 16 on the serial
+executor. Every row's final scales are compared bit for bit with the serial
+row's. On a machine with a GPU (``--device cuda``) the same rows run with the
+model on the GPU and the Ray actors take ``num_gpus_per_worker=1``.
+
+Models: ``honk`` (res8-narrow, the task's real objective: calibration error +
+cross-entropy tie-breaker, 100 clips), ``conformer_ctc`` (the in-project
+SpeechBrain Conformer-CTC, label-free distillation objective on its
+calibration features; ``$ESC_CONFORMER_CTC_RUN`` = the recipe's output folder)
+and ``whisper`` (Whisper tiny.en task, teacher-forced cross-entropy objective;
+slow on CPU). ``--whisper-eval`` times one Whisper tiny.en objective
+evaluation (the denominator of the Ray-overhead target) without a search.
+
+Outputs ``results.json`` and ``results.md`` in ``--out`` with commit, dirty
+flag and command, plus a projection for Whisper large-v3 from the measured
+costs (``--projection-eval-seconds`` overrides the per-evaluation cost used).
+
+    python benchmarks/scaling.py --out benchmarks/results/scaling --models honk conformer_ctc --whisper-eval
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import esc_plugin as esc  # noqa: E402
+from esc_plugin.core.io import write_bytes  # noqa: E402
+from esc_plugin.runner import provenance  # noqa: E402
+
+
+def build(name, device, shared):
+    """``(model, forward_loop, objective or None, description)``."""
+    if name == "honk":
+        from esc_plugin.tasks import get_task
+
+        task = get_task("honk", shared_root=shared, eval_limit=1)
+        return task.model, task.forward_loop, task.objective, "honk res8-narrow, 100 calibration clips, task objective"
+    if name == "conformer_ctc":
+        from latency_models import build_conformer_ctc
+
+        bench = build_conformer_ctc(shared, n_calib=100)
+        feats = [x.to(device) for x in bench.calibration]
+
+        def loop(m):
+            for x in feats:
+                m(x)
+
+        return bench.model.to(device), loop, None, "SpeechBrain Conformer-CTC, 100 calibration clips, distillation"
+    if name == "whisper":
+        from esc_plugin.tasks import get_task
+
+        task = get_task("whisper", shared_root=shared, objective="ce")
+        return task.model, task.forward_loop, task.objective, "Whisper tiny.en, teacher-forced CE objective"
+    raise SystemExit(f"unknown model {name!r}: use honk, conformer_ctc or whisper")
+
+
+def run_row(model, loop, objective, options, budget):
+    config = esc.QuantConfig(bits=8, budget=budget, **options)
+    t = time.perf_counter()
+    q = esc.quantize(model, config, loop, objective, progress=False)
+    wall = time.perf_counter() - t
+    tm = q.esc_report.timings
+    n = tm["n_search_evaluations"]
+    return {"options": options, "wall_s": wall, "search_s": tm["search"], "n_search_evaluations": n,
+            "evaluations_per_s": n / tm["search"],
+            "evaluation_s_sum": tm["search_evaluation_seconds"],
+            "overhead_ms_per_evaluation": 1e3 * (tm["search"] - tm["search_evaluation_seconds"]) / n
+            if options.get("workers", 1) == 1 else None,
+            "scales": [layer.final for layer in q.esc_report.layers],
+            "history": [h["loss"] for h in q.esc_report.history]}
+
+
+def bench_model(name, args, ray):
+    model, loop, objective, description = build(name, args.device, args.shared)
+    gpu = {"num_gpus_per_worker": 1} if args.device == "cuda" else {}
+    rows = [("serial", {})]
+    rows += [(f"ray {w} worker{'s' if w > 1 else ''}", {"executor": "ray", "workers": w, **gpu})
+             for w in args.workers]
+    rows += [(f"batch k={k}", {"batch_candidates": k}) for k in args.batch if k > 1]
+    rows += [(f"ray {w} workers, batch k={k}", {"executor": "ray", "workers": w, "batch_candidates": k, **gpu})
+             for w in args.workers if w > 1 for k in args.ray_batch if k > 1]
+    out = []
+    for label, options in rows:
+        if options.get("executor") == "ray":
+            from esc_plugin.core.executors.ray_actors import release_workers
+
+            release_workers()  # fresh actors: their start-up is part of the wall-clock
+        print(f"[{name}] {label} ...", flush=True)
+        row = run_row(model, loop, objective, options, args.budget)
+        row["row"] = label
+        out.append(row)
+        print(f"[{name}] {label}: {row['evaluations_per_s']:.2f} evals/s, search {row['search_s']:.1f} s, "
+              f"wall {row['wall_s']:.1f} s", flush=True)
+    base = out[0]
+    for row in out:
+        row["speedup_vs_serial"] = row["evaluations_per_s"] / base["evaluations_per_s"]
+        row["same_scales_as_serial"] = row["scales"] == base["scales"]
+        row["same_history_as_serial"] = row["history"] == base["history"]
+    return {"model": name, "description": description, "rows": out}
+
+
+def whisper_evaluation_seconds(shared, repeats):
+    from esc_plugin.tasks import get_task
+
+    task = get_task("whisper", shared_root=shared)
+    q = esc.quantize(task.model, esc.QuantConfig(bits=8, method="max"), task.forward_loop, progress=False)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        task.objective(q)
+        times.append(time.perf_counter() - t)
+    return {"objective": task.info.get("objective"), "n_calib": task.info.get("n_calib"),
+            "seconds": times, "median_s": float(np.median(times))}
+
+
+def projection(eval_seconds, popsize, budget=100, gpus=(1, 8)):
+    """Wall-clock of ESC's search when each generation's λ candidates are spread over g devices."""
+    full, last = divmod(budget, popsize)
+    out = {}
+    for g in gpus:
+        rounds = full * math.ceil(popsize / g) + (math.ceil(last / g) if last else 0)
+        out[g] = {"rounds": rounds, "hours": rounds * eval_seconds / 3600}
+    return out
+
+
+def markdown(result):
+    prov = result["provenance"]
+    lines = ["# ESC search scaling (issue #12)", "",
+             f"commit `{prov['commit']}` (dirty: {prov['dirty']}), command `{' '.join(prov['command'])}`", "",
+             f"machine: {result['machine']}", ""]
+    for m in result["models"]:
+        lines += [f"## {m['model']}: {m['description']}", "",
+                  "| row | evals/s | × serial | search (s) | ESC wall-clock (s) | overhead / eval (ms) | "
+                  "same scales & history as serial |", "|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            ovh = "–" if r["overhead_ms_per_evaluation"] is None else f"{r['overhead_ms_per_evaluation']:.1f}"
+            same = "yes" if r["same_scales_as_serial"] and r["same_history_as_serial"] else \
+                ("scales yes, history no" if r["same_scales_as_serial"] else "no")
+            lines.append(f"| {r['row']} | {r['evaluations_per_s']:.2f} | {r['speedup_vs_serial']:.2f} | "
+                         f"{r['search_s']:.1f} | {r['wall_s']:.1f} | {ovh} | {same} |")
+        lines.append("")
+    w = result.get("whisper_evaluation")
+    if w:
+        lines += ["## Whisper tiny.en objective evaluation", "",
+                  f"objective `{w['objective']}` on {w['n_calib']} clips, {result['device']}: median "
+                  f"{w['median_s']:.2f} s over {len(w['seconds'])} calls.", ""]
+    for note in result.get("notes", []):
+        lines.append(f"* {note}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", nargs="+", default=["honk", "conformer_ctc"])
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--ray-batch", type=int, nargs="*", default=[])
+    ap.add_argument("--ray-cpus", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--shared", default=None)
+    ap.add_argument("--whisper-eval", action="store_true")
+    ap.add_argument("--whisper-repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    ray.init(num_cpus=args.ray_cpus, num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
+             include_dashboard=False, log_to_driver=False)
+    result = {"provenance": provenance(), "device": args.device,
+              "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), torch threads "
+                         f"{torch.get_num_threads()}, Ray runtime of {args.ray_cpus} CPUs"
+                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ", no GPU"),
+              "models": [], "notes": []}
+    try:
+        for name in args.models:
+            result["models"].append(bench_model(name, args, ray))
+            _write(out, result)
+        if args.whisper_eval:
+            result["whisper_evaluation"] = whisper_evaluation_seconds(args.shared, args.whisper_repeats)
+            _write(out, result)
+    finally:
+        ray.shutdown()
+    _write(out, result)
+
+
+def _write(out, result):
+    write_bytes(out / "results.json", json.dumps(result, indent=1, default=str).encode())
+    write_bytes(out / "results.md", markdown(result).encode())
+
+
+if __name__ == "__main__":
+    main()
