@@ -254,3 +254,23 @@ def test_an_objective_that_cannot_be_pickled_names_the_fix(honk, ray_runtime):
 
     with pytest.raises(ConfigError, match="(?s)cannot be pickled.*executor='serial'"):
         _search(honk, objective=objective, executor="ray", selection_split=None)
+
+
+# ------------------------------------------------------------------ SpeechBrain stage
+
+
+def test_speechbrain_stage_passes_the_options_and_names_unpicklable_recipe_objects(tmp_path):
+    from test_speechbrain_stage import make_data, train
+
+    from esc_plugin.speechbrain import quantize_brain
+    from esc_plugin.speechbrain.settings import read_settings
+
+    brain, hparams, _, out = train(tmp_path, "save")
+    hparams.update(quantize="esc", quantization={"bits": 8, "budget": 6, "n_samples": 24,
+                                                 "executor": "ray", "workers": 2, "batch_candidates": 3})
+    config = read_settings(hparams).config
+    assert (config.executor, config.workers, config.batch_candidates) == ("ray", 2, 3)
+    # this Brain keeps a dataloader iterator from fit(): refused before any work, naming the path to it
+    with pytest.raises(ConfigError, match="(?s)cannot be pickled.*brain.*executor='serial'"):
+        quantize_brain(brain, hparams, calib_set=make_data(30, 4), loader_kwargs={"batch_size": 8}, progress=False)
+    assert not (out / "quantized").exists()
