@@ -15,6 +15,7 @@ the losses it is told), and loading a checkpoint cannot run code.
 """
 import hashlib
 import json
+import time
 
 import numpy as np
 import torch
@@ -64,8 +65,10 @@ class SearchDriver:
         self._replay(search, self.generations)
         bar = tqdm(total=search.budget, initial=search.evaluations, desc="ESC CMA-ES",
                    disable=not self.ctx.progress)
-        executor = make_executor(self.ctx) if not search.done else None
         timings = self.ctx.report.timings
+        t = time.perf_counter()
+        executor = make_executor(self.ctx) if not search.done else None
+        timings["executor_start"] = time.perf_counter() - t  # e.g. Ray actors receiving the model
         timings.setdefault("search_evaluation_seconds", 0.0)  # summed over workers: > wall time when parallel
         try:
             while not search.done:
