@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import esc_plugin as esc  # noqa: E402
+from esc_plugin.core.batching import BatchingError  # noqa: E402
 from esc_plugin.core.io import write_bytes  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
 
@@ -101,13 +102,20 @@ def bench_model(name, args, ray):
 
             release_workers()  # fresh actors: their start-up is part of the wall-clock
         print(f"[{name}] {label} ...", flush=True)
-        row = run_row(model, loop, objective, options, args.budget)
+        try:
+            row = run_row(model, loop, objective, options, args.budget)
+        except BatchingError as exc:  # a model that cannot be batched: recorded, the other rows still run
+            out.append({"row": label, "options": options, "error": str(exc)})
+            print(f"[{name}] {label}: {exc}", flush=True)
+            continue
         row["row"] = label
         out.append(row)
         print(f"[{name}] {label}: {row['evaluations_per_s']:.2f} evals/s, search {row['search_s']:.1f} s, "
               f"wall {row['wall_s']:.1f} s", flush=True)
     base = out[0]
     for row in out:
+        if "error" in row:
+            continue
         row["speedup_vs_serial"] = row["evaluations_per_s"] / base["evaluations_per_s"]
         row["same_scales_as_serial"] = row["scales"] == base["scales"]
         row["same_history_as_serial"] = row["history"] == base["history"]
@@ -148,6 +156,9 @@ def markdown(result):
                   "| row | evals/s | × serial | search (s) | of which actor start (s) | ESC wall-clock (s) | "
                   "overhead / eval (ms) | same scales & history as serial |", "|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['row']} | not run: {r['error']} | | | | | | |")
+                continue
             ovh = "–" if r["overhead_ms_per_evaluation"] is None else f"{r['overhead_ms_per_evaluation']:.1f}"
             same = "yes" if r["same_scales_as_serial"] and r["same_history_as_serial"] else \
                 ("scales yes, history no" if r["same_scales_as_serial"] else "no")
