@@ -439,14 +439,7 @@ def test_smoothquant_auto_alpha_is_chosen_per_site(tmp_path):
     scale = torch.ones(16)
     scale[3] = 80.0  # an outlier input channel
     data = [torch.randn(32, 16) * scale for _ in range(4)]
-
-    def loop(m):
-        for x in data:
-            m(x)
-
-    def error(m):
-        with torch.no_grad():
-            return sum(float(((m(x) - model(x)) ** 2).mean()) for x in data)
+    loop, error = loop_and_output_error(model, data)
 
     cfg = dict(method="max", bits=4, ptq=("smoothquant",))
     auto = esc.quantize(model, esc.QuantConfig(**cfg, smoothquant_alpha="auto"), loop, progress=False)

@@ -147,12 +147,7 @@ def read_settings(hparams):
         ("_distill", stage.get("objective") == "distill"),
         ("_attn", config.quantize_attention), ("_emb", config.quantize_embeddings)) if on)
     tag = f"{label_of(config)}{suffix}_w{config.weight_bits}a{config.act_bits}"
-    default = (os.path.join(str(hparams["output_folder"]), "quantized", tag)
-               if hparams.get("output_folder") else None)
-    folder = stage.get("output_folder") or default
-    if not folder:
-        raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
-                          "so the stage knows where to write the quantized model.")
+    folder, default = _output_folder(stage, hparams, tag)
     hib = stage.get("higher_is_better")
     if hib is not None and not isinstance(hib, bool):
         raise ConfigError(f"quantization: higher_is_better must be true or false, got {hib!r}.")
@@ -184,11 +179,17 @@ def _peer_settings(method, block, hparams):
         raise ConfigError(f"quantize: {method} runs its INT8 default preset: set `quantization: {{bits: 8}}` "
                           "(W4A4 comparisons use esc_plugin's calibrators).")
     tag = f"{method}_w8a8"
+    folder, default = _output_folder(stage, hparams, tag)
+    return StageSettings(method, config, str(folder), stage.get("metric"), stage.get("metric_key"),
+                         stage.get("higher_is_better"), tag, default, cache_front_end=False, peer=True)
+
+
+def _output_folder(stage, hparams, tag):
+    """``(folder, default)``: ``quantization.output_folder``, else ``<output_folder>/quantized/<tag>``."""
     default = (os.path.join(str(hparams["output_folder"]), "quantized", tag)
                if hparams.get("output_folder") else None)
     folder = stage.get("output_folder") or default
     if not folder:
         raise ConfigError("quantization: set output_folder (or the recipe's output_folder) "
-                          "so the stage knows where to write the results.")
-    return StageSettings(method, config, str(folder), stage.get("metric"), stage.get("metric_key"),
-                         stage.get("higher_is_better"), tag, default, cache_front_end=False, peer=True)
+                          "so the stage knows where to write the quantized model.")
+    return folder, default
