@@ -246,7 +246,7 @@ def main(argv=None):
     with torch.no_grad():
         fp32 = task.evaluate(task.model)
     qmodel, metrics, seconds = quantize_task(task, cfg, args.out, progress, command=command,
-                                             task_spec=(args.task, kwargs))
+                                             task_spec=(args.task, _recorded(kwargs)))
     print(qmodel.esc_report.summary())
     print(f"{task.name}: FP32 {task.metric}={fp32[task.metric]:.3f}  "
           f"W{cfg.weight_bits}A{cfg.act_bits} {label_of(cfg)} {task.metric}={metrics[task.metric]:.3f}  "
@@ -265,6 +265,11 @@ def main(argv=None):
     return _report_export(export_request, result)
 
 
+def _recorded(task_kwargs):
+    """Builder arguments as task.json records them: a shared folder as an absolute path."""
+    return {k: os.path.abspath(v) if k == "shared_root" else v for k, v in task_kwargs.items()}
+
+
 def _run_export_request(args, cfg, task_kwargs):
     """``run --export``: the export's checks (format vs bit widths, runtimes, output path), before work."""
     if args.export is None:
@@ -272,17 +277,9 @@ def _run_export_request(args, cfg, task_kwargs):
             if used:
                 raise ConfigError(f"{flag} applies to --export: add --export qdq-onnx|openvino|tensorrt or drop {flag}.")
         return None
-    if not args.out:
-        raise ConfigError("--export needs --out: the artifact is written into the run folder, beside quantized.pt.")
-    from esc_plugin.export.artifacts import DEFAULT_NAMES
-    from esc_plugin.export.command import ExportRequest, check_format, check_output, check_runtimes
+    from esc_plugin.export.command import plan_run_export
 
-    check_format(args.export, args.export_mode, cfg.weight_bits, cfg.act_bits)
-    check_runtimes(args.export, check=not (args.export == "tensorrt"))
-    out = os.path.join(args.out, DEFAULT_NAMES[args.export])
-    check_output(args.export, out, args.overwrite)
-    return ExportRequest("task", args.out, args.export, args.export_mode, out, task=args.task,
-                         task_kwargs=task_kwargs)
+    return plan_run_export(args.out, args.export, args.export_mode, args.overwrite, cfg, args.task, task_kwargs)
 
 
 def _export(parser, args):
@@ -312,7 +309,8 @@ def _report_export(request, result):
         from esc_plugin.export.tensorrt import INSTALL_HINT
 
         print(f"TensorRT engine not built: {INSTALL_HINT}\nOn a machine with TensorRT 10+ and an NVIDIA GPU, "
-              f"build it from the QDQ ONNX written above with:\n  {result['trtexec']}")
+              f"build it from the QDQ ONNX written above with (optimization profile: batch 1 to 2x, other "
+              f"dynamic axes 1/8 to 4x the calibration input's; adjust to yours):\n  {result['trtexec']}")
         return 3
     return 0
 

@@ -83,13 +83,23 @@ def trtexec_command(onnx_path, engine_path, shapes):
     return " ".join(shlex.quote(p) if any(c in p for c in " '\"") else p for p in parts)
 
 
-def profile_shapes(example_shapes):
-    """TensorRT ``(min, opt, max)`` per input: batch 1 .. twice the calibration batch, other axes fixed
-    (the export's dynamic axis is the batch)."""
+def profile_shapes(onnx_path, example):
+    """TensorRT ``(min, opt, max)`` per graph input, from the export example (positional, in the
+    graph's input order): the batch axis from 1 to twice the example's, any other dynamic axis
+    (e.g. time) from 1/8 to 4 times the example's, fixed axes as they are; opt = the example."""
+    import onnx
+
+    graph = onnx.load(os.fspath(onnx_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
     out = {}
-    for name, shape in example_shapes.items():
-        shape = tuple(int(d) for d in shape)
-        out[name] = ((1,) + shape[1:], shape, (2 * shape[0],) + shape[1:])
+    for value, x in zip(inputs, example):
+        opt = tuple(int(d) for d in x.shape)
+        dims = value.type.tensor_type.shape.dim
+        dynamic = [not d.HasField("dim_value") for d in dims]
+        lo = tuple(1 if i == 0 else max(1, n // 8) if dyn else n for i, (n, dyn) in enumerate(zip(opt, dynamic)))
+        hi = tuple(2 * n if i == 0 else 4 * n if dyn else n for i, (n, dyn) in enumerate(zip(opt, dynamic)))
+        out[value.name] = (lo, opt, hi) if any(dynamic) else (opt, opt, opt)
     return out
 
 

@@ -79,7 +79,7 @@ def write_single_graph(qmodel, batches, request):
     result = {"files": files, "artifact": request.out, "inputs": ins, "outputs": outs}
     onnx_path = files[0]
     if request.fmt == "tensorrt":
-        shapes = profile_shapes({n: tuple(x.shape) for n, x in zip(ins, example)})
+        shapes = profile_shapes(onnx_path, example)
         result["trtexec"] = trtexec_command(onnx_path, request.out, shapes)
         if tensorrt_available():
             from .tensorrt import build_engine

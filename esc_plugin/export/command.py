@@ -240,6 +240,18 @@ def plan_export(source, fmt="qdq-onnx", out=None, mode="qdq", overwrite=False, c
     return ExportRequest(kind, source, fmt, mode, out, state_path, task, kwargs, clip_activations, threads)
 
 
+def plan_run_export(out_folder, fmt, mode, overwrite, config, task, task_kwargs):
+    """``esc-quantize run --export``: validate the export of a run that has not happened yet
+    (``config`` gives the bit widths); the artifact goes into the run folder."""
+    if not out_folder:
+        raise ConfigError("--export needs --out: the artifact is written into the run folder, beside quantized.pt.")
+    check_format(fmt, mode, config.weight_bits, config.act_bits)
+    check_runtimes(fmt, check=fmt != "tensorrt")
+    out = os.path.join(out_folder, DEFAULT_NAMES[fmt])
+    check_output(fmt, out, overwrite)
+    return ExportRequest("task", out_folder, fmt, mode, out, task=task, task_kwargs=dict(task_kwargs))
+
+
 # ---------------------------------------------------------------- execution
 
 def export_result(request, check=False, progress=True):

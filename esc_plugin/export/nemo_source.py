@@ -32,12 +32,9 @@ def export_nemo(request, check=False):
         qmodel, path, mode=request.mode, clip_activations=request.clip_activations))
     result = {"files": files, "artifact": request.out}
     onnx_path = files[0]
-    example = tuple(qmodel.input_example())[:2]
+    example = tuple(qmodel.input_module.input_example())[:2]
     if request.fmt == "tensorrt":
-        import onnx
-
-        names = [i.name for i in onnx.load(onnx_path, load_external_data=False).graph.input]
-        shapes = profile_shapes({n: tuple(x.shape) for n, x in zip(names, example)})
+        shapes = profile_shapes(onnx_path, example)
         result["trtexec"] = trtexec_command(onnx_path, request.out, shapes)
         if tensorrt_available():
             from .tensorrt import build_engine
