@@ -38,3 +38,22 @@ def loop_and_output_error(model, data):
             return sum(float(((m(x) - r) ** 2).mean()) for x, r in zip(data, refs))
 
     return loop, objective
+
+
+def fails_fast(argv, capsys, match, limit=2.0):
+    """``esc-quantize argv`` exits with status 2 and a message matching ``match`` within ``limit`` s
+    (bad input is refused before any model is built)."""
+    import re
+    import time
+
+    from esc_plugin import cli
+
+    t = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    seconds = time.perf_counter() - t
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert re.search(match, err), err
+    assert seconds < limit, f"{argv} took {seconds:.1f} s to fail"
+    return err

@@ -5,10 +5,10 @@ import json
 import re
 import sys
 import textwrap
-import time
 
 import pytest
 
+from conftest import fails_fast
 from esc_plugin import cli
 from esc_plugin.core.presets import preset_names
 from esc_plugin.core.registry import transform_names
@@ -68,16 +68,6 @@ def no_task_building(monkeypatch):
     monkeypatch.setattr(esc_plugin.tasks, "get_task", refuse)
 
 
-def fails_fast(argv, capsys, match):
-    t = time.perf_counter()
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    seconds = time.perf_counter() - t
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert re.search(match, err), err
-    assert seconds < 2.0, f"{argv} took {seconds:.1f} s to fail"
-    return err
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -145,6 +145,20 @@ def write_onnx_artifact(fmt, out, write_onnx):
     return [out, os.path.splitext(out)[0] + ".bin"]
 
 
+def finish_tensorrt(result, onnx_path, example, engine_path, qmodel):
+    """``--format tensorrt`` after the QDQ ONNX is written: the ``trtexec`` command in
+    ``result``, and the engine when TensorRT is installed (``result["artifact"]`` None otherwise)."""
+    shapes = profile_shapes(onnx_path, example)
+    result["trtexec"] = trtexec_command(onnx_path, engine_path, shapes)
+    if tensorrt_available():
+        from .tensorrt import build_engine
+        build_engine(onnx_path, engine_path, shapes, qmodel=qmodel)
+        result["files"].append(engine_path)
+        result["artifact"] = engine_path
+    else:
+        result["artifact"] = None
+
+
 def runner_for(fmt, path, threads=1):
     """A runner ``(*inputs) -> list of numpy arrays`` for an artifact of format ``fmt``."""
     if fmt == "qdq-onnx":

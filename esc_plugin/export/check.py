@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from .artifacts import profile_shapes, runner_for, tensorrt_available, trtexec_command
+from .artifacts import finish_tensorrt, runner_for
 from .errors import ExportError
 
 
@@ -79,15 +79,7 @@ def write_single_graph(qmodel, batches, request):
     result = {"files": files, "artifact": request.out, "inputs": ins, "outputs": outs}
     onnx_path = files[0]
     if request.fmt == "tensorrt":
-        shapes = profile_shapes(onnx_path, example)
-        result["trtexec"] = trtexec_command(onnx_path, request.out, shapes)
-        if tensorrt_available():
-            from .tensorrt import build_engine
-            build_engine(onnx_path, request.out, shapes, qmodel=qmodel)
-            result["files"].append(request.out)
-            result["artifact"] = request.out
-        else:
-            result["artifact"] = None
+        finish_tensorrt(result, onnx_path, example, request.out, qmodel)
     return result
 
 

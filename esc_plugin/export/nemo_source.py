@@ -11,7 +11,7 @@ random features), and there is no task metric to report.
 import numpy as np
 import torch
 
-from .artifacts import profile_shapes, runner_for, tensorrt_available, trtexec_command
+from .artifacts import finish_tensorrt, runner_for
 
 
 def _logprobs(qmodel, feats, lens):
@@ -34,15 +34,7 @@ def export_nemo(request, check=False):
     onnx_path = files[0]
     example = tuple(qmodel.input_module.input_example())[:2]
     if request.fmt == "tensorrt":
-        shapes = profile_shapes(onnx_path, example)
-        result["trtexec"] = trtexec_command(onnx_path, request.out, shapes)
-        if tensorrt_available():
-            from .tensorrt import build_engine
-            build_engine(onnx_path, request.out, shapes, qmodel=qmodel)
-            result["files"].append(request.out)
-            result["artifact"] = request.out
-        else:
-            result["artifact"] = None
+        finish_tensorrt(result, onnx_path, example, request.out, qmodel)
     if check and result["artifact"]:
         runner = runner_for(request.fmt, result["artifact"], request.threads)
         ref = _logprobs(qmodel, *example)
