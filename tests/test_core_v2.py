@@ -82,6 +82,7 @@ def test_unknown_method_and_pass_list_the_registry():
     ({"selection": 1}, "valid options are"),
     ({"quantize_attention": "yes"}, "must be true or false"),
     ({"ptq": ("smoothquant", "smoothquant")}, "twice"),
+    ({"ptq": ("fallback", "bias_correction")}, "out of order: write \\('bias_correction', 'fallback'\\)"),
     ({"smoothquant_alpha": 1.5}, "in \\(0, 1\\]"),
     ({"nan_policy": "drop"}, "'error', 'ignore'"),
 ])

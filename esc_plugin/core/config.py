@@ -190,7 +190,7 @@ class QuantConfig:
     batch_candidates: int = 1
 
     def __post_init__(self):
-        from .registry import get_calibrator, get_transform
+        from .registry import check_transform_order, get_calibrator, get_transform
 
         self.method = _string("method", self.method)
         get_calibrator(self.method)
@@ -252,6 +252,7 @@ class QuantConfig:
                                   "or 'auto' (per site).")
         if len(set(self.ptq)) != len(self.ptq):
             raise ConfigError(f"ptq={self.ptq} names a pass twice: list each pass once.")
+        check_transform_order(self.ptq)
         for name in ("quantize_layernorm", "quantize_attention", "quantize_embeddings", "keep_init_if_worse"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false.")

@@ -79,12 +79,17 @@ class TransformSpec:
     calibration data). ``stage`` says when it runs: ``before_calibration``
     (e.g. SmoothQuant, which changes the activations the calibrator sees) or
     ``after_calibration`` (e.g. bias correction, which needs the final scales).
+    ``order`` ranks passes within a stage: a ``ptq`` tuple must list them in
+    non-decreasing order (weight reconstruction before bias correction, which
+    measures the output shift of the final weights, before fallback, which
+    judges the finished model), so the order that runs is the order written.
     """
 
     name: str
     cls: type
     stage: str
     summary: str
+    order: int = 50
 
 
 _CALIBRATORS = {}
@@ -109,18 +114,33 @@ def register_calibrator(name, *, needs=("max",), objective="none", summary=""):
     return decorate
 
 
-def register_transform(name, *, stage, summary=""):
+def register_transform(name, *, stage, summary="", order=50):
     """Class decorator registering a PTQ pass under ``name`` (see :class:`TransformSpec`)."""
     if stage not in STAGES:
         raise ConfigError(f"transform {name!r}: stage={stage!r}; use one of {list(STAGES)}.")
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise ConfigError(f"transform {name!r}: order={order!r} must be an integer (lower runs first).")
 
     def decorate(cls):
         _check_name(name, _TRANSFORMS, "transform", cls)
-        _TRANSFORMS[name] = TransformSpec(name, cls, stage, summary)
+        _TRANSFORMS[name] = TransformSpec(name, cls, stage, summary, order)
         cls.registered_name = name
         return cls
 
     return decorate
+
+
+def check_transform_order(names):
+    """A :class:`ConfigError` when ``names`` lists passes of one stage against their ``order``."""
+    specs = [get_transform(n) for n in names]
+    for stage in STAGES:
+        in_stage = [s for s in specs if s.stage == stage]
+        wanted = sorted(in_stage, key=lambda s: s.order)
+        if [s.order for s in in_stage] != [s.order for s in wanted]:
+            raise ConfigError(
+                f"ptq={tuple(names)} runs {stage.replace('_', ' ')} passes out of order: write "
+                f"{tuple(s.name for s in wanted)} (weight reconstruction, then bias correction, then "
+                "fallback: each later pass works on what the earlier ones produced).")
 
 
 def _check_name(name, table, kind, cls):

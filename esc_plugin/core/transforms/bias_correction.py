@@ -47,7 +47,7 @@ class _Shift:
         self.count += diff.numel() // diff.shape[axis]
 
 
-@register_transform("bias_correction", stage="after_calibration",
+@register_transform("bias_correction", stage="after_calibration", order=60,
                     summary="fold each layer's expected quantization output shift into its bias")
 class BiasCorrection:
     def __init__(self, config):

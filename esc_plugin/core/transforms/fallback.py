@@ -37,7 +37,7 @@ def _to_float(point, on):
         q.disable() if on else q.enable()
 
 
-@register_transform("fallback", stage="after_calibration",
+@register_transform("fallback", stage="after_calibration", order=90,
                     summary="leave the most sensitive quantized ops in float (accuracy control)")
 class Fallback:
     def __init__(self, config):
