@@ -4,3 +4,4 @@ A new pass is one module like these (a class decorated with
 :func:`esc_plugin.core.registry.register_transform`) plus its test.
 """
 from . import smoothquant, weight_clip, bias_correction, fallback  # noqa: F401
+from . import adaround, brecq  # noqa: F401  (weight rounding, after_calibration order 20)
