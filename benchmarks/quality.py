@@ -17,6 +17,9 @@ Rows (each at every ``--bits``):
 * ``max_fallback3`` / ``esc_recommended_fallback3``: plus accuracy-aware
   fallback of the 3 most sensitive ops (ranked on the objective; the report's
   sensitivity table and ``sensitivity.png`` say which ops they are);
+* ``max_adaround`` / ``esc_recommended_adaround`` / ``esc_recommended_brecq``:
+  plus learned weight rounding after calibration (layer-wise; block-wise, for
+  models with transformer / conformer layer stacks);
 * ``nncf``: Intel NNCF ``nncf.quantize`` (INT8 default preset; W8A8 only) on
   the same calibration batches (``pip install -e ".[peers]"``).
 
@@ -59,6 +62,9 @@ VARIANTS = {
                                 "smoothquant_alpha": "auto"}, False),
     "max_fallback3": ({"method": "max", "fallback_layers": 3}, True),
     "esc_recommended_fallback3": ({"method": "esc", "init": "best", "sigma0": 0.3, "fallback_layers": 3}, False),
+    "max_adaround": ({"method": "max", "ptq": ("adaround",)}, True),
+    "esc_recommended_adaround": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("adaround",)}, False),
+    "esc_recommended_brecq": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("brecq",)}, False),
 }
 
 
