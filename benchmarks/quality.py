@@ -2,7 +2,7 @@
 
 Rows (each at every ``--bits``):
 
-* the baselines (``max``, ``percentile``, ``entropy``, ``mse``) with the task objective;
+* the baselines (``max``, ``percentile``, ``entropy``, ``mse``, ``stablequant``) with the task objective;
 * ``esc_task``: ESC on the task's calibration objective, with the selection
   guard where the task's objective can be split (honk), and
   ``esc_task_noguard``: the paper's ESC without it;
@@ -43,7 +43,7 @@ from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
 from esc_plugin.tasks import get_task  # noqa: E402
 
-BASELINES = ("max", "percentile", "entropy", "mse")
+BASELINES = ("max", "percentile", "entropy", "mse", "stablequant")
 PEERS = ("nncf",)  # Intel NNCF nncf.quantize, INT8 default preset (W8A8 rows only)
 # name -> (QuantConfig options, use the task objective?)
 VARIANTS = {

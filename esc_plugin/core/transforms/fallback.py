@@ -18,6 +18,7 @@ the FP32 reference and one per site put back.
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from ..float_sites import to_float as _to_float
 from ..registry import register_transform
 
 
@@ -25,16 +26,6 @@ def _score(ctx):
     value = ctx.evaluate(None)
     selection = ctx.evaluator.last_selection
     return selection if selection is not None else value
-
-
-def _to_float(point, on):
-    """Switch one site's quantizers off (on=True) or back on."""
-    quantizers = [point.input_quantizer]
-    wq = getattr(point.module, "weight_quantizer", None)
-    if wq is not None and point.op != "attention":
-        quantizers.append(wq)
-    for q in quantizers:
-        q.disable() if on else q.enable()
 
 
 @register_transform("fallback", stage="after_calibration", order=90,
