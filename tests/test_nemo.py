@@ -221,6 +221,25 @@ def test_nemo_export_writes_qdq_and_ort_matches(tiny):
         qmodel.export(str(tmp / "model.ts"))
 
 
+def test_cli_exports_a_quantized_nemo_and_checks_it(tiny, capsys):
+    """``esc-quantize export w8a8.nemo --check``: NeMo's graph, run by ONNX Runtime, compared
+    with the restored fake-quantized model; the .nemo itself is not touched."""
+    from conftest import fails_fast
+    from esc_plugin.cli import main
+
+    tmp = tiny["tmp"]
+    source, out = str(tmp / "cli_w8a8.nemo"), str(tmp / "cli_w8a8.onnx")
+    tiny["qmodel"].save_to(source)
+    digest = sha256(source)
+    assert main(["export", source, "--format", "qdq-onnx", "--out", out, "--check", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "relative L2" in printed and export_metadata(out)["exporter"] == "nemo"
+    rel_l2 = float(printed.split("relative L2 ")[1].split(",")[0])
+    assert rel_l2 <= 0.1  # fused int8 kernels (see the module docstring); literal Q/DQ is tested above
+    assert sha256(source) == digest
+    fails_fast(["export", source, "--out", out], capsys, "already exists: pass --overwrite")
+
+
 def test_label_free_objective(tiny):
     model, manifests = tiny["model"], tiny["manifests"]
     q = esc_nemo.quantize_asr_model(model, esc.QuantConfig(bits=8, budget=4, popsize=2),
