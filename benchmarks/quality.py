@@ -20,6 +20,10 @@ Rows (each at every ``--bits``):
 * ``max_adaround`` / ``esc_recommended_adaround`` / ``esc_recommended_brecq``:
   plus learned weight rounding after calibration (layer-wise; block-wise, for
   models with transformer / conformer layer stacks);
+* ``max_noisyquant`` / ``esc_recommended_noisyquant``: plus NoisyQuant's fixed
+  noisy bias before each activation quantizer (removed in the bias), and
+  ``max_hyq`` / ``esc_recommended_hyq``: plus HyQ's learned per-channel
+  scaling of convolution inputs (QADS);
 * ``nncf``: Intel NNCF ``nncf.quantize`` (INT8 default preset; W8A8 only) on
   the same calibration batches (``pip install -e ".[peers]"``).
 
@@ -65,6 +69,10 @@ VARIANTS = {
     "max_adaround": ({"method": "max", "ptq": ("adaround",)}, True),
     "esc_recommended_adaround": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("adaround",)}, False),
     "esc_recommended_brecq": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("brecq",)}, False),
+    "max_noisyquant": ({"method": "max", "ptq": ("noisyquant",)}, True),
+    "esc_recommended_noisyquant": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("noisyquant",)}, False),
+    "max_hyq": ({"method": "max", "ptq": ("hyq",)}, True),
+    "esc_recommended_hyq": ({"method": "esc", "init": "best", "sigma0": 0.3, "ptq": ("hyq",)}, False),
 }
 
 

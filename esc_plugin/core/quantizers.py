@@ -37,6 +37,9 @@ class ActivationQuantizer(TensorQuantizer):
         # input-channel axis. A buffer, so it follows .to(device) and the state dict.
         self.register_buffer("pre_scale", None)
         self.pre_scale_axis = -1
+        # Per-channel constant added after the pre-scale, before quantizing (NoisyQuant's noisy bias;
+        # the layer removes it through its bias). Same axis as the pre-scale: the op's input channels.
+        self.register_buffer("noise", None)
         # Population batching (core/batching.py): while k candidates share a tiled batch, their k amax
         # values, the tiled batch size k·B of the current call, and where the candidates' rows lie:
         # "batch_first" (k blocks along dim 0) or "time_major" ((T, k·B, ...) or (T·k·B, ...), as in
@@ -77,13 +80,22 @@ class ActivationQuantizer(TensorQuantizer):
         self.pre_scale_axis = axis
         self.pre_scale = None if scale is None else scale.detach().float().clone()
 
+    def set_noise(self, noise, axis):
+        """Add ``noise`` along ``axis`` (after any pre-scale) before quantizing (None removes it)."""
+        self.pre_scale_axis = axis
+        self.noise = None if noise is None else noise.detach().float().clone()
+
     def apply_pre_scale(self, inputs):
-        """The input as this quantizer quantizes it (divided by the pre-scale, if any)."""
-        if self.pre_scale is None:
+        """The input as this quantizer quantizes it (divided by the pre-scale, plus the noise, if any)."""
+        if self.pre_scale is None and getattr(self, "noise", None) is None:
             return inputs
         shape = [1] * inputs.dim()
         shape[self.pre_scale_axis] = -1
-        return inputs / self.pre_scale.to(inputs.dtype).view(shape)
+        if self.pre_scale is not None:
+            inputs = inputs / self.pre_scale.to(inputs.dtype).view(shape)
+        if getattr(self, "noise", None) is not None:
+            inputs = inputs + self.noise.to(inputs.dtype).view(shape)
+        return inputs
 
     def forward(self, inputs):
         inputs = self.apply_pre_scale(inputs)
