@@ -65,6 +65,17 @@ def test_a_calibrator_is_one_registered_class(kws):
         esc.QuantConfig(method="half_max_test")
 
 
+def test_output_mse_is_escs_local_init_alone(kws):
+    """The ``output_mse`` row is exactly the scales ESC starts its search from."""
+    model, data, loop, objective = kws
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = esc.quantize(model, esc.QuantConfig(method="output_mse"), loop, progress=False).esc_report
+    searched = esc.quantize(model, esc.QuantConfig(method="esc", budget=4), loop, objective, progress=False)
+    assert [l.final for l in alone.layers] == pytest.approx([l.init for l in searched.esc_report.layers])
+    assert alone.timings["n_evaluations"] == 0  # no objective: nothing is searched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_unknown_method_and_pass_list_the_registry():
     with pytest.raises(ConfigError, match="max, percentile, entropy, mse, esc"):
         esc.QuantConfig(method="kl")

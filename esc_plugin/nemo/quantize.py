@@ -49,7 +49,7 @@ def quantization_config(quantize="esc", bits=8, **options):
     >>> quantization_config("best")
     Traceback (most recent call last):
     ...
-    esc_plugin.core.errors.ConfigError: quantize='best' is unknown: choose one of max, percentile, entropy, mse, esc, stablequant, esc_recommended, esc_initbest.
+    esc_plugin.core.errors.ConfigError: quantize='best' is unknown: choose one of max, percentile, entropy, mse, esc, stablequant, output_mse, esc_recommended, esc_initbest.
     """
     from ..core.presets import config_for
     choices = quantize_choices()

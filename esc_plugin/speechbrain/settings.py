@@ -23,7 +23,7 @@ True
 >>> read_settings({"quantize": "int8"})
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, stablequant, esc_recommended, esc_initbest, nncf (e.g. `--quantize=esc`).
+esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, stablequant, output_mse, esc_recommended, esc_initbest, nncf (e.g. `--quantize=esc`).
 >>> read_settings({"quantize": "esc", "quantisation": {"bits": 4}})
 Traceback (most recent call last):
 ...
