@@ -47,7 +47,7 @@ from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
 from esc_plugin.tasks import get_task  # noqa: E402
 
-BASELINES = ("max", "percentile", "entropy", "mse", "stablequant")
+BASELINES = ("max", "percentile", "entropy", "mse", "stablequant", "output_mse")
 PEERS = ("nncf",)  # Intel NNCF nncf.quantize, INT8 default preset (W8A8 rows only)
 # name -> (QuantConfig options, use the task objective?)
 VARIANTS = {
