@@ -22,6 +22,7 @@ Inputs are recorded over the first calls of ``ctx.forward_loop`` up to a
 bounded size per unit; a pass stops (an internal exception) as soon as its
 recorders are full, so one unit's pass costs only the batches it needs.
 """
+import contextlib
 import time
 
 import torch
@@ -173,6 +174,21 @@ def first_tensor(output):
 def row_loss(out, target, axis):
     """Squared error summed over the feature axis, averaged over the rest (AdaRound's ‖·‖²)."""
     return (out.float() - target.float()).pow(2).sum(axis).mean()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the reconstruction steps on one CPU thread (restored after).
+
+    Each step is a small op plus Adam: with several intra-op threads on a CPU
+    shared with other work, waiting for the threads costs more than the op.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def optimise(roundings, loss_of, n_batches, settings, generator):
