@@ -204,7 +204,7 @@ def test_adaround_on_honk_res8_narrow_w4a4(honk, monkeypatch):
 
 
 def test_brecq_on_a_speechbrain_conformer_with_keyword_inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(Settings, "iters", 150)
+    monkeypatch.setattr(Settings, "iters", 100)
     from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder
     from speechbrain.nnet.attention import RelPosEncXL
 

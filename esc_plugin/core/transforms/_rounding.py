@@ -38,15 +38,19 @@ _KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 class Settings:
     """Class-level defaults (bounded so a CPU run of a small model takes seconds per layer)."""
 
-    iters = 500            # Adam steps per unit (the papers use 10-20k)
+    iters = 300            # Adam steps per unit (the papers use 10-20k)
     # The papers' 1e-3 is for 10-20k steps; in a bounded budget a 10x step is what lets the
     # roundings move from nearest and be decided by the annealed regulariser.
     lr = 1e-2
     reg_weight = 0.01      # λ
     beta = (20.0, 2.0)     # annealed from, to
     warmup = 0.2
-    max_elements = 1 << 19  # recorded input elements per unit and pass
-    max_rows = 2048         # Linear: recorded rows per site
+    # recorded elements per unit and pass (Conv / block inputs: whole calls, until this many)
+    max_elements = 1 << 17
+    # Linear: recorded rows per site. Small enough that one batch of a speech model fills it, so
+    # a layer's pass over the (quantized) model stops inside the first batch: the passes, one per
+    # layer, cost more than the steps on a large model.
+    max_rows = 512
     batch_rows = 256        # Linear rows (or Conv / block calls' items) per step
 
 

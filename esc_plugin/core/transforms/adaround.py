@@ -12,6 +12,10 @@ Functional ``F.linear`` weights (attention in-projections) and LayerNorm
 sites keep nearest rounding. The bounded defaults (iterations, recorded
 rows) are in :class:`esc_plugin.core.transforms._rounding.Settings`.
 
+The copy's weight *is* the rounded weight afterwards, so later passes that
+compare against "the float layer" (``bias_correction``'s reference, a
+``fallback`` site left in float) see the rounded weights, not the FP32 ones.
+
 Example
 -------
 >>> import torch, esc_plugin as esc
