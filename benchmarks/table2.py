@@ -232,9 +232,12 @@ def _recipe_error(log):
     return None
 
 
-def _row_order(row, names):
+def _row_order(row):
+    """FP32, then by bits; the base alone, each pass alone in registry order, then the combos: the
+    same order whichever runs produced the rows."""
     bits = 99 if row["config"] == "FP32" else int(row["config"][1:row["config"].index("A")])
-    return -bits, names.index(row["row"]) if row["row"] in names else len(names)
+    names = transform_names()
+    return -bits, len(row["passes"]) > 1, [names.index(p) if p in names else len(names) for p in row["passes"]]
 
 
 def main(argv=None):
@@ -284,7 +287,7 @@ def main(argv=None):
             rows = merge(rows, row)
             if fp32:
                 rows = merge(rows, dict(fp32, provenance=prov))
-            rows.sort(key=lambda r: _row_order(r, [s[0] for s in specs]))
+            rows.sort(key=_row_order)
             write_results(args.out, meta, rows)  # after every row: a later failure keeps the earlier ones
             print(f"{meta['name']} W{bits}A{bits} {name}: {row['status']} metric={row['metric']} "
                   f"({row['wall_seconds']:.0f} s)", flush=True)

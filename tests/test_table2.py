@@ -96,8 +96,7 @@ def test_rows_base_then_passes_not_applicable_and_delta(tmp_path, toy):
     # a later run re-runs only its rows; the others are kept
     assert table2.main(common + ["--passes", "hyq"]) == 0
     again = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["row"] for r in again] == ["FP32", "esc", "esc+hyq", "esc+bias_correction",
-                                         "esc+smoothquant+bias_correction"]
+    assert [r["row"] for r in again] == [r["row"] for r in results["rows"]]  # one order, whatever ran last
     assert next(r for r in again if r["row"] == "esc+bias_correction") == bc
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # FP32 model untouched
 
