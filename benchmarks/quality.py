@@ -109,6 +109,17 @@ def run_row(task, name, bits, budget, seed, progress, reports=None):
     if name in PEERS:
         return run_peer(task, name, bits)
     config, task_objective = row_config(name, bits, budget, seed)
+    return run_config(task, name, config, task_objective, progress, reports)
+
+
+def run_config(task, name, config, use_task_objective, progress=False, reports=None):
+    """One row: quantize ``task.model`` with ``config`` (the task's objective when
+    ``use_task_objective``, else label-free), then its test metrics, calibration objective, passes and time.
+
+    ``name`` labels the row (and its report folder); benchmarks/table2.py calls this with its own configs.
+    """
+    bits = config.act_bits
+    task_objective = use_task_objective
     t = time.perf_counter()
     q = esc.quantize(task.model, config, task.forward_loop, task.objective if task_objective else None,
                      progress=progress)

@@ -79,6 +79,18 @@ def recipe_options(name):
     return options.pop("method"), {**options, **stage}
 
 
+def quantization_block(options):
+    """The ``--quantization={...}`` value of ``options``, lists (e.g. ``ptq``) in YAML flow style.
+
+    >>> quantization_block({"bits": 4, "ptq": ("adaround", "bias_correction")})
+    '{bits: 4, ptq: [adaround, bias_correction]}'
+    """
+    def value(v):
+        return "[" + ", ".join(str(x) for x in v) + "]" if isinstance(v, (list, tuple)) else str(v)
+
+    return "{" + ", ".join(f"{k}: {value(v)}" for k, v in options.items()) + "}"
+
+
 def run_recipe(train_py, hparams, extra, log):
     cmd = [sys.executable, train_py, hparams] + extra
     print("$", " ".join(cmd), flush=True)

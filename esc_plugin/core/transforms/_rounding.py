@@ -22,6 +22,7 @@ Inputs are recorded over the first calls of ``ctx.forward_loop`` up to a
 bounded size per unit; a pass stops (an internal exception) as soon as its
 recorders are full, so one unit's pass costs only the batches it needs.
 """
+import contextlib
 import time
 
 import torch
@@ -37,15 +38,19 @@ _KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 class Settings:
     """Class-level defaults (bounded so a CPU run of a small model takes seconds per layer)."""
 
-    iters = 500            # Adam steps per unit (the papers use 10-20k)
+    iters = 300            # Adam steps per unit (the papers use 10-20k)
     # The papers' 1e-3 is for 10-20k steps; in a bounded budget a 10x step is what lets the
     # roundings move from nearest and be decided by the annealed regulariser.
     lr = 1e-2
     reg_weight = 0.01      # λ
     beta = (20.0, 2.0)     # annealed from, to
     warmup = 0.2
-    max_elements = 1 << 19  # recorded input elements per unit and pass
-    max_rows = 2048         # Linear: recorded rows per site
+    # recorded elements per unit and pass (Conv / block inputs: whole calls, until this many)
+    max_elements = 1 << 17
+    # Linear: recorded rows per site. Small enough that one batch of a speech model fills it, so
+    # a layer's pass over the (quantized) model stops inside the first batch: the passes, one per
+    # layer, cost more than the steps on a large model.
+    max_rows = 512
     batch_rows = 256        # Linear rows (or Conv / block calls' items) per step
 
 
@@ -173,6 +178,21 @@ def first_tensor(output):
 def row_loss(out, target, axis):
     """Squared error summed over the feature axis, averaged over the rest (AdaRound's ‖·‖²)."""
     return (out.float() - target.float()).pow(2).sum(axis).mean()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the reconstruction steps on one CPU thread (restored after).
+
+    Each step is a small op plus Adam: with several intra-op threads on a CPU
+    shared with other work, waiting for the threads costs more than the op.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def optimise(roundings, loss_of, n_batches, settings, generator):

@@ -12,6 +12,10 @@ Functional ``F.linear`` weights (attention in-projections) and LayerNorm
 sites keep nearest rounding. The bounded defaults (iterations, recorded
 rows) are in :class:`esc_plugin.core.transforms._rounding.Settings`.
 
+The copy's weight *is* the rounded weight afterwards, so later passes that
+compare against "the float layer" (``bias_correction``'s reference, a
+``fallback`` site left in float) see the rounded weights, not the FP32 ones.
+
 Example
 -------
 >>> import torch, esc_plugin as esc
@@ -80,7 +84,8 @@ def _paired(point, fp32_parts, quant_parts):
             return [], []
         n = min(len(xf), len(xq))
         fp32_parts, quant_parts = [xf[:n]], [xq[:n]]
-    pairs = [(q, f) for q, f in zip(quant_parts, fp32_parts) if q.shape == f.shape]
+    # clones: a forward loop run under torch.inference_mode records tensors autograd cannot save
+    pairs = [(q.clone(), f.clone()) for q, f in zip(quant_parts, fp32_parts) if q.shape == f.shape]
     weight = point.module.weight.detach()
     with torch.no_grad():
         return [q for q, _ in pairs], [R.layer_op(point, f, weight) for _, f in pairs]
@@ -111,9 +116,11 @@ def reconstruct_layer(ctx, point, fp32_parts, result, generator):
         total = sum(R.row_loss(R.layer_op(point, x, w), t, axis) * len(x) for x, t in zip(inputs, targets))
         return float(total) / sum(len(x) for x in inputs)
 
-    nearest = full_loss(rounding.nearest)
-    R.optimise([rounding], loss_of, len(inputs), R.Settings, generator)
-    R.finish(result, [rounding], (nearest, full_loss(rounding.hard_codes())))
+    with R.one_thread():
+        nearest = full_loss(rounding.nearest)
+        R.optimise([rounding], loss_of, len(inputs), R.Settings, generator)
+        learned = full_loss(rounding.hard_codes())
+    R.finish(result, [rounding], (nearest, learned))
     return True
 
 

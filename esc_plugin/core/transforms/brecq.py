@@ -24,6 +24,7 @@ Example
 """
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigError
@@ -91,7 +92,9 @@ def _record_block_quantized(ctx, block):
 def reconstruct_block(ctx, name, block, points, fp32_parts, result, generator):
     """Learn the rounding of every site in ``block`` together, on the block's output."""
     quant_parts = _record_block_quantized(ctx, block)
-    pairs = [(a, k, t) for (a, k), t in zip(quant_parts, fp32_parts)]
+    # clones: a forward loop run under torch.inference_mode records tensors autograd cannot save
+    pairs = [tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (a, k, t))
+             for (a, k), t in zip(quant_parts, fp32_parts)]
     if not pairs:
         return False
     roundings = [R.Rounding(p, ctx.config.weight_bits) for p in points]
@@ -112,9 +115,10 @@ def reconstruct_block(ctx, name, block, points, fp32_parts, result, generator):
     for q in quantizers:
         q.disable()
     try:
-        nearest = full_loss([r.nearest for r in roundings])
-        R.optimise(roundings, run, len(pairs), R.Settings, generator)
-        learned = full_loss([r.hard_codes() for r in roundings])
+        with R.one_thread():
+            nearest = full_loss([r.nearest for r in roundings])
+            R.optimise(roundings, run, len(pairs), R.Settings, generator)
+            learned = full_loss([r.hard_codes() for r in roundings])
     finally:
         for q in quantizers:
             q.enable()

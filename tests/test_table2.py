@@ -1,0 +1,119 @@
+"""benchmarks/table2.py (paper Table 2: ESC alone vs ESC + each PTQ pass) on a toy in-process task."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from esc_plugin.core.registry import transform_names
+
+# A task module of Linear layers only: bias_correction applies, hyq (convolution inputs) cannot.
+TOY_TASK = '''
+import torch
+from esc_plugin.tasks import Task
+
+BUILT = []
+
+
+def build():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 8) for _ in range(2)]
+    test = [torch.randn(4, 8) for _ in range(2)]
+    with torch.no_grad():
+        ref, ref_test = [model(x) for x in data], [model(x) for x in test]
+
+    def err(m, xs=data, refs=ref):
+        with torch.no_grad():
+            return float(sum((m(x) - r).pow(2).mean() for x, r in zip(xs, refs)))
+
+    BUILT.append(model)
+    return Task(name="toy", model=model, forward_loop=lambda m: [m(x) for x in data], objective=err,
+                evaluate=lambda m: {"err": err(m, test, ref_test)}, metric="err", higher_is_better=False)
+'''
+
+
+def _table2():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
+    spec = importlib.util.spec_from_file_location("table2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    (tmp_path / "toy_table2_task.py").write_text(TOY_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("toy_table2_task", None)
+    import toy_table2_task
+
+    return toy_table2_task
+
+
+def test_bad_pass_refused_before_any_work_naming_the_registry(tmp_path, toy):
+    table2 = _table2()
+    out = tmp_path / "out"
+    for bad in (["--passes", "adarond"], ["--combos", "smoothquant+nope"]):
+        with pytest.raises(SystemExit) as e:
+            table2.main(["--task", "toy_table2_task:build", "--out", str(out), *bad])
+        assert "is not a registered pass" in str(e.value)
+        assert all(name in str(e.value) for name in transform_names())
+    assert toy.BUILT == [] and not out.exists()  # no task built, nothing written
+    assert "fallback" not in table2.default_passes() and "adaround" in table2.default_passes()
+
+
+def test_rows_base_then_passes_not_applicable_and_delta(tmp_path, toy):
+    table2 = _table2()
+    out = tmp_path / "out"
+    common = ["--task", "toy_table2_task:build", "--out", str(out), "--bits", "8", "--budget", "6"]
+    assert table2.main(common + ["--passes", "bias_correction", "hyq",
+                                 "--combos", "bias_correction+smoothquant"]) == 0
+    model = toy.BUILT[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["row"]: r for r in results["rows"]}
+    assert [r["row"] for r in results["rows"]] == ["FP32", "esc", "esc+bias_correction", "esc+hyq",
+                                                   "esc+smoothquant+bias_correction"]
+    base, bc, hyq = rows["esc"], rows["esc+bias_correction"], rows["esc+hyq"]
+    assert base["status"] == "ok" and base["ptq"] == [] and base["delta"] == 0 and not base["worse"]
+    # the pass ran, with its time, and the table compares it to ESC alone in the task's direction (lower err)
+    assert [p["name"] for p in bc["ptq"]] == ["bias_correction"] and bc["ptq"][0]["seconds"] > 0
+    assert bc["delta"] == pytest.approx(bc["metric"] - base["metric"])
+    assert bc["worse"] == (bc["metric"] > base["metric"])
+    combo = rows["esc+smoothquant+bias_correction"]
+    assert [p["name"] for p in combo["ptq"]] == ["smoothquant", "bias_correction"]  # canonical order
+    # a pass that cannot apply to the model is a row saying so, not a crash
+    assert hyq["status"].startswith("not applicable: ") and "Conv" in hyq["status"]
+    assert hyq["metric"] is None and hyq["delta"] is None and not hyq["worse"]
+    md = (out / "results.md").read_text()
+    assert "worse than esc alone" in md and "not applicable" in md and "bias_correction " in md
+    assert "Command: `python benchmarks/table2.py --task toy_table2_task:build" in md
+    assert all(r["provenance"]["command"][0] == "benchmarks/table2.py" for r in results["rows"])
+
+    # a later run re-runs only its rows; the others are kept
+    assert table2.main(common + ["--passes", "hyq"]) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["row"] for r in again] == ["FP32", "esc", "esc+hyq", "esc+bias_correction",
+                                         "esc+smoothquant+bias_correction"]
+    assert next(r for r in again if r["row"] == "esc+bias_correction") == bc
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # FP32 model untouched
+
+
+def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
+    table2 = _table2()
+
+    def rows():
+        return [{"config": "W4A4", "row": "esc", "metric": 80.0}, {"config": "W4A4", "row": "esc+a", "metric": 78.0},
+                {"config": "W4A4", "row": "esc+b", "metric": 81.0}, {"config": "W8A8", "row": "esc+a", "metric": 1.0},
+                {"config": "FP32", "row": "FP32", "metric": 90.0}]
+
+    up = {r["row"] + r["config"]: r for r in table2.compare(rows(), "esc", higher_is_better=True)}
+    assert up["esc+aW4A4"]["delta"] == -2.0 and up["esc+aW4A4"]["worse"]
+    assert up["esc+bW4A4"]["delta"] == 1.0 and not up["esc+bW4A4"]["worse"]
+    assert up["esc+aW8A8"]["delta"] is None and not up["esc+aW8A8"]["worse"]  # no base at W8A8
+    assert up["FP32FP32"]["delta"] is None
+    down = {r["row"]: r for r in table2.compare(rows()[:3], "esc", higher_is_better=False)}
+    assert not down["esc+a"]["worse"] and down["esc+b"]["worse"]
