@@ -1,9 +1,9 @@
 """One summary table over the SpeechBrain recipes' Table 1 runs (``benchmarks/sb_table1.py``).
 
 Reads ``benchmarks/results/sb_*/results.json`` and prints, per recipe, FP32,
-then for W8A8 and W4A4 the best of the four baselines (max, percentile,
-entropy, mse: the registered calibrators other than esc), the paper's ESC,
-and the best ESC variant (``esc_initbest``, ``esc_loss``...) if any was run;
+then for W8A8 and W4A4 the best baseline (every registered calibrator other
+than esc), ESC with its defaults, and the best ESC variant (``esc_paper``,
+``esc_loss``...) if any was run;
 a recipe with no results folder is listed as skipped; ESC's relative gap to FP32 and whether it is
 the best calibrator are computed, not typed::
 
@@ -16,6 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esc_plugin.core.registry import calibrator_names  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sb_table1 import rename_rows  # noqa: E402  (rows of older results under today's names)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # baselines: the calibrators that never run the search (every registered one but esc)
@@ -53,7 +56,7 @@ def _gap(gap):
 
 def summarise(folder, key, label, lower):
     data = json.loads((folder / "results.json").read_text())
-    rows = data["rows"]
+    rows = rename_rows(data["rows"])
     fp32 = next(_value(r, key) for r in rows if r["config"] == "FP32")
     cells = [folder.name.removeprefix("sb_"), label + (" ↓" if lower else " ↑"), f"{fp32:.4g}"]
     for config in ("W8A8", "W4A4"):
@@ -62,7 +65,8 @@ def summarise(folder, key, label, lower):
         esc = _value(next((r for r in at if r["method"] == "esc"), {}), key)
         var_name, var = _best(at, key, lower, [r["method"] for r in at if r["method"].startswith("esc_")])
         if esc is None:
-            cells += [f"{base:.4g} ({base_name})" if base is not None else "–", "not run", "–"]
+            cells += [f"{base:.4g} ({base_name})" if base is not None else "–", "not run with the defaults",
+                      f"{var:.4g} ({var_name})" if var is not None else "–"]
             continue
         gap = (esc - fp32) / abs(fp32) * 100 * (1 if lower else -1)  # > 0: worse than FP32
         wins = base is None or (esc <= base if lower else esc >= base)

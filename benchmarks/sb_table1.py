@@ -10,13 +10,14 @@ checkpoint on every later run) with ``--quantize=<method>`` and collects the
 
 Everything after ``--`` is passed to every recipe run. ``--methods`` takes
 the preset names (:func:`esc_plugin.core.presets.preset_names`: every
-registered calibrator and named variants such as ``esc_initbest``, ESC started
-from whichever of the output-MSE init and the baselines' scales scores best on
-the objective), plus two SpeechBrain-stage variants: ``esc_loss``, ESC with
-the recipe's loss as the objective instead of its metric (stage option
+registered calibrator and named variants such as ``esc_paper``, ESC with the
+paper's search settings), plus SpeechBrain-stage variants: ``esc_loss``, ESC
+with the recipe's loss as the objective instead of its metric (stage option
 ``metric: loss``; smooth where an error rate over 100 samples is coarse),
-``esc_initbest_loss``: both, and ``esc_recommended_distill``: the
-recommended preset with the label-free objective (``objective: distill``).
+``esc_distill``: ESC on the label-free objective (``objective: distill``),
+and ``esc_paper_loss`` / ``esc_initbest_loss``: those presets on the loss.
+Rows named ``esc`` before the ESC defaults changed are stored as
+``esc_paper`` (see ``RENAMED``), so a table never mixes the two.
 Peer quantizers run as the recipe's stage too: ``nncf`` (Intel NNCF's
 ``nncf.quantize``, INT8 default preset; W8A8 rows only; ``pip install -e
 ".[peers]"``).
@@ -41,8 +42,27 @@ from esc_plugin.speechbrain.settings import PEERS  # noqa: E402
 # SpeechBrain-stage variants: stage options (metric: loss) that are not QuantConfig fields,
 # so not presets: row name -> (base preset, extra stage options)
 STAGE_VARIANTS = {"esc_loss": ("esc", {"metric": "loss"}),
-                  "esc_initbest_loss": ("esc_initbest", {"metric": "loss"}),
-                  "esc_recommended_distill": ("esc_recommended", {"objective": "distill"})}
+                  "esc_distill": ("esc", {"objective": "distill"}),
+                  "esc_paper_loss": ("esc_paper", {"metric": "loss"}),
+                  "esc_initbest_loss": ("esc_initbest", {"metric": "loss"})}
+
+
+# row names of results written before QuantConfig's ESC defaults became the former esc_recommended
+# preset: old name -> today's name for the same settings. Rows of an older results.json (without
+# "names": NAMES) are renamed on reading, so a rerun never mixes the two meanings of "esc".
+RENAMED = {"esc": "esc_paper", "esc_loss": "esc_paper_loss", "esc_recommended": "esc",
+           "esc_recommended_distill": "esc_distill"}
+NAMES = 2
+
+
+def rename_rows(rows):
+    """Rows of an earlier results.json under today's names (each renamed row keeps its old one)."""
+    out = []
+    for r in rows:
+        if r.get("names") != NAMES and r["method"] in RENAMED:
+            r = {**r, "method": RENAMED[r["method"]], "renamed_from": r["method"]}
+        out.append({**r, "names": NAMES})
+    return out
 
 
 def method_names():
@@ -134,10 +154,10 @@ def main(argv=None):
             rows = [r for r in rows if (r["config"], r["method"]) not in
                     (("FP32", "-"), (f"W{bits}A{bits}", method))]
             rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
-                         "seconds": None})
+                         "seconds": None, "names": NAMES})
             rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
                          "objective": m["calibration_objective"], "seconds": m.get("seconds"),
-                         "recipe_seconds": seconds, "extra": extra, "provenance": prov})
+                         "recipe_seconds": seconds, "extra": extra, "provenance": prov, "names": NAMES})
             rows.sort(key=_row_order)
             md = write_results(args, extra, rows, commands, prov)  # after every row: a failed later run keeps the earlier ones
     print(md)
@@ -158,7 +178,7 @@ def _previous_rows(args):
         previous = json.load(f)
     if previous.get("recipe") != args.train_py:
         return [], []
-    return previous["rows"], previous.get("commands", [])
+    return rename_rows(previous["rows"]), previous.get("commands", [])
 
 
 def _command(args, extra):
@@ -176,8 +196,12 @@ def write_results(args, extra, rows, commands, prov):
                                                          "provenance": prov})
     name = os.path.basename(os.path.dirname(os.path.abspath(args.train_py)))
     commits = sorted({_commit(r) for r in rows if r["config"] != "FP32"})
+    renamed = sorted({f"{r['renamed_from']} → {r['method']}" for r in rows if r.get("renamed_from")})
     md = f"### {name}\n\n{table(rows, keys)}\n\n" + "\n".join(f"`{c}`  " for c in commands) + \
-        "\n\nRows from commit(s): " + ", ".join(commits) + "\n"
+        "\n\nRows from commit(s): " + ", ".join(commits) + "\n" + \
+        (f"\nRows run under earlier names (the commands above use them; same settings): {', '.join(renamed)}. "
+         "`esc` is ESC with today's defaults (start = best of the output-MSE init and the baselines, "
+         "σ0 = 0.3); `esc_paper` is the paper's settings (output-MSE init, σ0 = 0.1).\n" if renamed else "")
     write_bytes(os.path.join(args.out, "results.md"), md.encode())
     return md
 

@@ -4,7 +4,7 @@ Examples
 --------
     esc-quantize demo --out runs/demo                      # built-in default, no data needed
     esc-quantize run --task honk --bits 4 --method esc --out runs/honk-w4a4
-    esc-quantize run --task honk --bits 4 --method esc_initbest --out runs/honk-w4a4-initbest
+    esc-quantize run --task honk --bits 4 --method esc_paper --out runs/honk-w4a4-paper
     esc-quantize run --task mypkg.tasks:build --bits 8 --out runs/mine
     esc-quantize export runs/honk-w8 --format openvino --check   # -> runs/honk-w8/model.xml (+ .bin)
     esc-quantize run --task demo --bits 8 --out runs/demo-w8 --export qdq-onnx
@@ -64,7 +64,8 @@ def _preset_options(name):
 def _common(p):
     p.add_argument("--out", default=None, help="output folder (report.json, plots, quantized.pt, results)")
     p.add_argument("--budget", type=int, default=100, help="ESC: CMA-ES objective evaluations Γ (default 100)")
-    p.add_argument("--sigma0", type=float, default=0.1, help="ESC: initial step size (default 0.1)")
+    p.add_argument("--sigma0", type=float, help="ESC: initial step size (default: QuantConfig's, 0.3; "
+                                                "the paper's 0.1 is --method esc_paper)")
     p.add_argument("--popsize", type=int, default=None, help="ESC: CMA-ES population (default 4+3 ln N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -198,7 +199,9 @@ def main(argv=None):
     if args.command == "export":
         return _export(parser, args)
     command = sys.argv if argv is None else ["esc-quantize", *argv]
-    search = dict(budget=args.budget, sigma0=args.sigma0, popsize=args.popsize, seed=args.seed)
+    search = dict(budget=args.budget, popsize=args.popsize, seed=args.seed)
+    if args.sigma0 is not None:  # otherwise the preset's / QuantConfig's
+        search["sigma0"] = args.sigma0
     try:
         if args.command == "demo":
             from esc_plugin.runner import table_configs

@@ -6,7 +6,7 @@ table is written as JSON and markdown, atomically, with the commit and the
 command that produced it (:func:`provenance`).
 
 Configurations are named by preset (:func:`esc_plugin.core.presets.preset_names`):
-a calibrator name (``max``, ``esc``...) or a named variant (``esc_initbest``).
+a calibrator name (``max``, ``esc``...) or a named variant (``esc_paper``).
 Rows and run folders carry :func:`~esc_plugin.core.presets.label_of` the config,
 so a variant has one name in tables, folders and command lines.
 """

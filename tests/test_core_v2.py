@@ -70,7 +70,7 @@ def test_output_mse_is_escs_local_init_alone(kws):
     model, data, loop, objective = kws
     before = {k: v.clone() for k, v in model.state_dict().items()}
     alone = esc.quantize(model, esc.QuantConfig(method="output_mse"), loop, progress=False).esc_report
-    searched = esc.quantize(model, esc.QuantConfig(method="esc", budget=4), loop, objective, progress=False)
+    searched = esc.quantize(model, esc.config_for("esc_paper", budget=4), loop, objective, progress=False)
     assert [l.final for l in alone.layers] == pytest.approx([l.init for l in searched.esc_report.layers])
     assert alone.timings["n_evaluations"] == 0  # no objective: nothing is searched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -317,7 +317,7 @@ def test_smoothquant_on_a_model_without_linear_layers_names_the_fix():
 
 def test_esc_without_objective_distills_from_the_fp32_outputs(kws):
     model, data, loop, objective = kws
-    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4), loop, progress=False)
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4, init="output_mse"), loop, progress=False)
     report = q.esc_report
     assert any("distillation to the FP32 outputs (mse, inferred)" in n for n in report.notes)
     # the guard compared the search mean, the best sample and the init on held-back calls
@@ -325,7 +325,7 @@ def test_esc_without_objective_distills_from_the_fp32_outputs(kws):
     assert all(r["selection"] is not None for r in report.selection)
     assert any("selection" in h for h in report.history)
     assert report.timings["n_evaluations"] <= 8 + 4  # init, Γ candidates, mean, guard re-scores
-    assert esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4), loop,
+    assert esc.quantize(model, esc.QuantConfig(bits=4, budget=8, popsize=4, init="output_mse"), loop,
                         progress=False).esc_report.layers[0].final == report.layers[0].final  # deterministic
 
 

@@ -150,8 +150,10 @@ def _load_benchmark(name):
 
 def test_sb_table1_rows_from_presets_with_provenance(tmp_path):
     sb_table1 = _load_benchmark("sb_table1")
-    assert sb_table1.recipe_options("esc_initbest") == ("esc", {"init": "best"})
-    assert sb_table1.recipe_options("esc_initbest_loss") == ("esc", {"init": "best", "metric": "loss"})
+    assert sb_table1.recipe_options("esc_paper") == ("esc", {"init": "output_mse", "sigma0": 0.1})
+    assert sb_table1.recipe_options("esc_paper_loss") == ("esc", {"init": "output_mse", "sigma0": 0.1,
+                                                                  "metric": "loss"})
+    assert sb_table1.recipe_options("esc_distill") == ("esc", {"objective": "distill"})
     assert sb_table1.recipe_options("mse") == ("mse", {})
     train = tmp_path / "recipe" / "train.py"
     train.parent.mkdir()
@@ -165,3 +167,7 @@ def test_sb_table1_rows_from_presets_with_provenance(tmp_path):
     assert prov["command"][0] == "benchmarks/sb_table1.py" and "esc_initbest" in prov["command"]
     assert all(r["provenance"] == prov for r in results["rows"] if r["config"] != "FP32")
     assert "Rows from commit(s): " in (out / "results.md").read_text()
+    # rows written before the ESC defaults changed are read under today's names
+    old = [{"config": "W4A4", "method": m, "metrics": {}} for m in ("esc", "esc_recommended", "max")]
+    assert [r["method"] for r in sb_table1.rename_rows(old)] == ["esc_paper", "esc", "max"]
+    assert sb_table1.rename_rows(sb_table1.rename_rows(old)) == sb_table1.rename_rows(old)  # once only

@@ -1,7 +1,8 @@
 """Named configurations: one name for one thing in tables, folders and command lines.
 
 A preset is a calibrator plus the options that make it a distinct variant
-(``esc_initbest`` = ESC started from the best of its init and the baselines).
+(``esc_paper`` = ESC with the paper's search settings: CMA-ES from the
+output-MSE init with σ0 = 0.1; plain ``esc`` uses the project's defaults).
 Every registered calibrator is also a preset of itself. Benchmarks, the CLI
 and the SpeechBrain stage name their rows and folders with :func:`label_of`,
 so a variant has the same name everywhere.
@@ -9,23 +10,23 @@ so a variant has the same name everywhere.
 Example
 -------
 >>> from esc_plugin.core.presets import config_for, label_of, preset_names
->>> cfg = config_for("esc_initbest", bits=4)
->>> cfg.method, cfg.init, cfg.act_bits
-('esc', 'best', 4)
->>> label_of(cfg)
-'esc_initbest'
->>> "esc_initbest" in preset_names() and "max" in preset_names()
+>>> cfg = config_for("esc_paper", bits=4)
+>>> cfg.method, cfg.init, cfg.sigma0, cfg.act_bits
+('esc', 'output_mse', 0.1, 4)
+>>> label_of(cfg), label_of(config_for("esc"))
+('esc_paper', 'esc')
+>>> "esc_paper" in preset_names() and "max" in preset_names()
 True
+
 """
 from .errors import ConfigError
 
 # name -> QuantConfig options (must include "method"); the more specific first (label_of takes
-# the first match). esc_recommended: the search settings benchmarks/search_settings.py found to
-# generalise best on the real models measured so far (see the README's quality results).
-_PRESETS = {"esc_recommended": {"method": "esc", "init": "best", "sigma0": 0.3},
-            "esc_initbest": {"method": "esc", "init": "best"}}
-# options that make a variant, with the suffix they add to the method's name
-_SUFFIXES = (("init", "best", "_initbest"),)
+# the first match). esc_paper: the paper's search settings (QuantConfig's ESC defaults are the ones
+# benchmarks/search_settings.py found to generalise best on the real models); esc_initbest: the
+# paper's σ0 from the best start, a variant of earlier tables.
+_PRESETS = {"esc_paper": {"method": "esc", "init": "output_mse", "sigma0": 0.1},
+            "esc_initbest": {"method": "esc", "init": "best", "sigma0": 0.1}}
 
 
 def register_preset(name, **options):
@@ -63,9 +64,8 @@ def config_for(name, **overrides):
 
 
 def label_of(config):
-    """The row / folder name of a config: its preset's name, or method + variant suffixes."""
+    """The row / folder name of a config: its preset's name, or its method's."""
     for name, options in _PRESETS.items():
         if all(getattr(config, k) == v for k, v in options.items()):
             return name
-    return config.method + "".join(s for key, value, s in _SUFFIXES
-                                   if getattr(config, key) == value and config.method == "esc")
+    return config.method

@@ -38,18 +38,18 @@ def quantize_choices():
 
 def quantization_config(quantize="esc", bits=8, **options):
     """``QuantConfig`` for the recipe's ``quantize: <name>`` key (a calibrator or a preset such
-    as ``esc_initbest``), with a clear error for unknown values.
+    as ``esc_paper``), with a clear error for unknown values.
 
     Example
     -------
     >>> quantization_config("esc", bits=8, budget=50).budget
     50
-    >>> quantization_config("esc_initbest", bits=4).init
-    'best'
+    >>> quantization_config("esc_paper", bits=4).init
+    'output_mse'
     >>> quantization_config("best")
     Traceback (most recent call last):
     ...
-    esc_plugin.core.errors.ConfigError: quantize='best' is unknown: choose one of max, percentile, entropy, mse, esc, stablequant, output_mse, esc_recommended, esc_initbest.
+    esc_plugin.core.errors.ConfigError: quantize='best' is unknown: choose one of max, percentile, entropy, mse, esc, stablequant, output_mse, esc_paper, esc_initbest.
     """
     from ..core.presets import config_for
     choices = quantize_choices()

@@ -13,17 +13,17 @@ Example
 ...                    "output_folder": "results/run"})
 >>> s.method, s.config.act_bits, s.output_folder
 ('esc', 4, 'results/run/quantized/esc_w4a4')
->>> read_settings({"quantize": "esc", "quantization": {"bits": 4, "init": "best"},
+>>> read_settings({"quantize": "esc", "quantization": {"bits": 4, "init": "output_mse", "sigma0": 0.1},
 ...                "output_folder": "results/run"}).output_folder  # variants get their own folder
-'results/run/quantized/esc_initbest_w4a4'
->>> read_settings({"quantize": "esc_initbest", "output_folder": "results/run"}).tag  # a preset name
-'esc_initbest_w8a8'
+'results/run/quantized/esc_paper_w4a4'
+>>> read_settings({"quantize": "esc_paper", "output_folder": "results/run"}).tag  # a preset name
+'esc_paper_w8a8'
 >>> read_settings({"quantize": "none"}) is None
 True
 >>> read_settings({"quantize": "int8"})
 Traceback (most recent call last):
 ...
-esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, stablequant, output_mse, esc_recommended, esc_initbest, nncf (e.g. `--quantize=esc`).
+esc_plugin.core.errors.ConfigError: quantize: 'int8' is not a calibrator: use one of none, max, percentile, entropy, mse, esc, stablequant, output_mse, esc_paper, esc_initbest, nncf (e.g. `--quantize=esc`).
 >>> read_settings({"quantize": "esc", "quantisation": {"bits": 4}})
 Traceback (most recent call last):
 ...

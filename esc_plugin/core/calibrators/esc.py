@@ -3,8 +3,9 @@
 The three steps are separate modules: :mod:`~esc_plugin.core.local_init`
 (Eq. 4), :mod:`~esc_plugin.core.search_driver` (ask/evaluate/tell with
 checkpoints) and :mod:`~esc_plugin.core.selection` (which result is kept).
-With ``QuantConfig(init="best")`` the baselines' scales (every other built-in
-calibrator) are extra starting candidates.
+With ``QuantConfig(init="best")`` (the default) the baselines' scales are
+extra starting candidates; ``init="output_mse"`` starts from Eq. 4 alone, as
+the paper does.
 """
 import time
 
