@@ -107,7 +107,8 @@ def test_stage_quantizes_with_the_brains_metric_and_keeps_fp32(trained):
     assert metrics["fp32"]["accuracy"] == pytest.approx(fp32_stats["accuracy"])
     assert metrics["quantized"]["accuracy"] >= 0.9
     report = result.report
-    assert len(report.history) > 0 and report.timings["n_evaluations"] <= 6 + 2
+    # Γ candidates + the mean + the start (the init and the baselines, percentile's own candidates)
+    assert len(report.history) == 6 and report.timings["n_evaluations"] <= 6 + 2 + 8
     ops = {c["name"] for c in report.quantized_ops}
     assert {"model.0", "model.2", "norm"} <= ops
     # FP32: checkpoint files, weights, hparams references, test stats and log untouched.

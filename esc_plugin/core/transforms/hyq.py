@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import register_transform
-from .smoothquant import _ChannelMax, _smooth
+from .smoothquant import _smooth, observe_channels
 
 STEPS = 60      # Adam steps per site (HyQ: 1000; bounded for CPU calibration, the best α seen is kept)
 LR = 0.05       # on log α, so a relative step
@@ -167,18 +167,7 @@ class HyQ:
                 "none is quantized (check QuantConfig.exclude)"
             raise ConfigError(f"ptq=('hyq',): no ungrouped Conv1d / Conv2d site to scale: {why}.")
         names = {p.name for p in points}
-        observers = {}
-
-        def factory(point):
-            observers[point.name] = _ChannelMax(1, self.keep) if point.name in names else None
-            return observers[point.name]
-
-        ctx.plan.start_observing(factory)
-        try:
-            with torch.no_grad():
-                ctx.forward_loop(ctx.model)
-        finally:
-            ctx.plan.stop_observing()
+        observers = observe_channels(ctx, lambda p: 1 if p.name in names else None, self.keep)
         for p in tqdm(points, desc="hyq (QADS)", disable=not ctx.progress, leave=False):
             obs = observers.get(p.name)
             if obs is None or not obs.inputs:

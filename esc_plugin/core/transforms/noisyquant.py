@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..numerics import fake_quant
 from ..registry import register_transform
-from .smoothquant import _ChannelMax, _axis, _op
+from .smoothquant import _axis, _op, observe_channels
 
 # K / Δ candidates (0 = no noise is always a candidate), each with DRAWS noise vectors
 AMPLITUDES = (0.25, 0.5, 0.75, 1.0)
@@ -172,18 +172,7 @@ class NoisyQuant:
                               f"fold the noise into (this model's sites: {', '.join(reasons) or 'none'}); "
                               "drop 'noisyquant' from ptq.")
         names = {p.name for p in points}
-        observers = {}
-
-        def factory(point):
-            observers[point.name] = _ChannelMax(_axis(point), self.keep) if point.name in names else None
-            return observers[point.name]
-
-        ctx.plan.start_observing(factory)
-        try:
-            with torch.no_grad():
-                ctx.forward_loop(ctx.model)
-        finally:
-            ctx.plan.stop_observing()
+        observers = observe_channels(ctx, lambda p: _axis(p) if p.name in names else None, self.keep)
         generator = torch.Generator().manual_seed(int(self.seed))
         for p in tqdm(points, desc="noisyquant", disable=not ctx.progress, leave=False):
             obs = observers.get(p.name)

@@ -65,6 +65,25 @@ class _ChannelMax:
         self.amax = m if self.amax is None else torch.maximum(self.amax, m)
 
 
+def observe_channels(ctx, axis_of, keep):
+    """One pass of the forward loop recording per-channel input maxima (and up to ``keep`` inputs)
+    of every site for which ``axis_of(point)`` gives a channel axis (None: not observed)."""
+    observers = {}
+
+    def factory(point):
+        axis = axis_of(point)
+        observers[point.name] = _ChannelMax(axis, keep) if axis is not None else None
+        return observers[point.name]
+
+    ctx.plan.start_observing(factory)
+    try:
+        with torch.no_grad():
+            ctx.forward_loop(ctx.model)
+    finally:
+        ctx.plan.stop_observing()
+    return observers
+
+
 def _smoothable(point):
     m = point.module
     if point.op == "linear" and isinstance(m, torch.nn.Linear):
@@ -104,18 +123,7 @@ class SmoothQuant:
         if not points:
             raise ConfigError("ptq=('smoothquant',): no Linear / ungrouped Conv site is quantized in this "
                               "model (check QuantConfig.exclude), so there is nothing to smooth.")
-        observers = {}
-
-        def factory(point):
-            observers[point.name] = _ChannelMax(_axis(point), self.keep) if _smoothable(point) else None
-            return observers[point.name]
-
-        ctx.plan.start_observing(factory)
-        try:
-            with torch.no_grad():
-                ctx.forward_loop(ctx.model)
-        finally:
-            ctx.plan.stop_observing()
+        observers = observe_channels(ctx, lambda p: _axis(p) if _smoothable(p) else None, self.keep)
         for p in points:
             obs = observers.get(p.name)
             if obs is None or obs.amax is None:
