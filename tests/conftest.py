@@ -23,6 +23,16 @@ def shared():
     return root
 
 
+def honk_task(n_calib=24, eval_limit=20):
+    """The real honk res8-narrow task on a few clips (skips when ../shared is absent)."""
+    root = shared_root()
+    if not (root / "data").is_dir():
+        pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
+    from esc_plugin.tasks import get_task
+
+    return get_task("honk", shared_root=root, n_calib=n_calib, eval_limit=eval_limit)
+
+
 def loop_and_output_error(model, data):
     """``(forward_loop, objective)`` over ``data``: the objective is the summed output MSE to the FP32
     model's outputs (recorded now), the simplest real calibration objective."""

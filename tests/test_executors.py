@@ -27,14 +27,9 @@ SEARCH = dict(bits=8, budget=18, popsize=6, init="output_mse")
 
 @pytest.fixture(scope="module")
 def honk():
-    from conftest import shared_root
+    from conftest import honk_task
 
-    root = shared_root()
-    if not (root / "data").is_dir():
-        pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
-    from esc_plugin.tasks import get_task
-
-    return get_task("honk", shared_root=root, n_calib=24, eval_limit=20)
+    return honk_task()
 
 
 @pytest.fixture(scope="module")

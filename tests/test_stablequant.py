@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import esc_plugin as esc
-from conftest import loop_and_output_error, shared_root
+from conftest import loop_and_output_error
 from esc_plugin.core.calibrators.stablequant import StableQuantCalibrator
 from esc_plugin.core.errors import CalibrationError, ObjectiveError
 from esc_plugin.core.registry import get_calibrator, register_calibrator, unregister_calibrator
@@ -134,12 +134,9 @@ def test_bad_input_is_refused_and_the_fp32_model_untouched(outlier):
 
 @pytest.fixture(scope="module")
 def honk():
-    root = shared_root()
-    if not (root / "data").is_dir():
-        pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
-    from esc_plugin.tasks import get_task
+    from conftest import honk_task
 
-    return get_task("honk", shared_root=root, n_calib=24, eval_limit=20)
+    return honk_task()
 
 
 def test_honk_res8_narrow_end_to_end(honk, tmp_path):
