@@ -59,14 +59,23 @@ def entropy_amax(hist, edges, num_bits, start_bin=128, stride=1):
     return float(edges[min(best_i, len(edges) - 1)])
 
 
+def histogram_mse(hist, edges, amax, num_bits):
+    """MSE of the bin centres quantized with each ``amax`` (a scalar or an array of clips).
+
+    >>> e = np.linspace(0, 1, 5); float(histogram_mse(np.ones(4), e, 1.0, 8)) < 1e-4
+    True
+    """
+    counts = np.asarray(hist, dtype=np.float64)
+    centers = (edges[1:] + edges[:-1]) / 2.0
+    qmax = 2 ** (num_bits - 1) - 1
+    scale = np.maximum(np.atleast_1d(np.asarray(amax, dtype=np.float64)), 1e-12)[:, None] / qmax
+    quant = np.clip(np.round(centers[None, :] / scale), -qmax, qmax) * scale
+    mse = ((quant - centers[None, :]) ** 2 * counts[None, :]).mean(axis=1)
+    return mse if np.ndim(amax) else float(mse[0])
+
+
 def mse_amax(hist, edges, num_bits, start_bin=128, stride=1):
     """The clip minimising the MSE between bin centres and their quantized values
     (the pytorch-quantization ``mse`` baseline: error of the *input* histogram)."""
-    counts = np.asarray(hist, dtype=np.float64)
-    centers = (edges[1:] + edges[:-1]) / 2.0
-    cand = centers[start_bin::stride]
-    qmax = 2 ** (num_bits - 1) - 1
-    scale = cand[:, None] / qmax
-    quant = np.clip(np.round(centers[None, :] / scale), -qmax, qmax) * scale
-    mse = ((quant - centers[None, :]) ** 2 * counts[None, :]).mean(axis=1)
-    return float(cand[int(np.argmin(mse))])
+    cand = ((edges[1:] + edges[:-1]) / 2.0)[start_bin::stride]
+    return float(cand[int(np.argmin(histogram_mse(hist, edges, cand, num_bits)))])

@@ -87,13 +87,13 @@ class ActivationQuantizer(TensorQuantizer):
 
     def apply_pre_scale(self, inputs):
         """The input as this quantizer quantizes it (divided by the pre-scale, plus the noise, if any)."""
-        if self.pre_scale is None and getattr(self, "noise", None) is None:
+        if self.pre_scale is None and self.noise is None:
             return inputs
         shape = [1] * inputs.dim()
         shape[self.pre_scale_axis] = -1
         if self.pre_scale is not None:
             inputs = inputs / self.pre_scale.to(inputs.dtype).view(shape)
-        if getattr(self, "noise", None) is not None:
+        if self.noise is not None:
             inputs = inputs + self.noise.to(inputs.dtype).view(shape)
         return inputs
 

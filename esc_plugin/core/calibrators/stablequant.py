@@ -57,22 +57,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ObjectiveError
 from ..float_sites import quantizers_of, to_float
-from ..histogram import mse_amax, percentile_amax
+from ..histogram import histogram_mse, mse_amax, percentile_amax
 from ..registry import register_calibrator
 from ..search import WORST_LOSS
-
-
-def histogram_mse(hist, edges, amax, num_bits):
-    """MSE of the bin centres quantized with ``amax`` (the quantity :func:`mse_amax` minimises).
-
-    >>> e = np.linspace(0, 1, 5); round(histogram_mse(np.ones(4), e, 1.0, 8), 8) < 1e-4
-    True
-    """
-    centers = (edges[1:] + edges[:-1]) / 2.0
-    qmax = 2 ** (num_bits - 1) - 1
-    scale = max(float(amax), 1e-12) / qmax
-    quant = np.clip(np.round(centers / scale), -qmax, qmax) * scale
-    return float(((quant - centers) ** 2 * np.asarray(hist, dtype=np.float64)).mean())
 
 
 def _restore(states):

@@ -149,13 +149,24 @@ def skipped_sites(ctx, points):
     return f"{n} site(s) (LayerNorm, functional F.linear, unused)" if n else "none"
 
 
-@register_transform("adaround", stage="after_calibration", order=20,
-                    summary="learn each weight's up/down rounding, layer by layer (AdaRound)")
-class AdaRound:
+class RoundingPass:
+    """What AdaRound and BRECQ share: the config, and a result saved as int8 codes per site."""
+
     def __init__(self, config):
         self.config = config
         self.result = R.Result()
 
+    def state_dict(self):
+        return self.result.state_dict()
+
+    def load_state_dict(self, state, ctx):
+        self.result = R.Result()
+        self.result.load_state_dict(state, ctx)
+
+
+@register_transform("adaround", stage="after_calibration", order=20,
+                    summary="learn each weight's up/down rounding, layer by layer (AdaRound)")
+class AdaRound(RoundingPass):
     def check(self, model):
         check_has_layers(model, self.config, "adaround")
 
@@ -169,10 +180,3 @@ class AdaRound:
             reconstruct_layer(ctx, by_name[name], recorders.pop(name).parts, self.result, generator)
         ctx.report.notes.append(self.result.note("adaround", f"{len(self.result.losses)} layers",
                                                  skipped_sites(ctx, points)))
-
-    def state_dict(self):
-        return self.result.state_dict()
-
-    def load_state_dict(self, state, ctx):
-        self.result = R.Result()
-        self.result.load_state_dict(state, ctx)

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError, ConfigError
 from ..registry import register_transform
 from . import _rounding as R
-from .adaround import check_has_layers, fp32_observers, reconstruct_layer, reconstructable_points, skipped_sites
+from .adaround import (RoundingPass, check_has_layers, fp32_observers, reconstruct_layer, reconstructable_points,
+                       skipped_sites)
 
 LOOKED_FOR = ("entries of an nn.ModuleList, or ≥ 2 entries of one class of an nn.Sequential, each holding "
               "≥ 2 quantized nn.Linear / nn.Conv1d / nn.Conv2d layers (transformer / conformer layers, "
@@ -128,11 +129,7 @@ def reconstruct_block(ctx, name, block, points, fp32_parts, result, generator):
 
 @register_transform("brecq", stage="after_calibration", order=20,
                     summary="learn the weights' rounding block by block (BRECQ: transformer / residual blocks)")
-class BRECQ:
-    def __init__(self, config):
-        self.config = config
-        self.result = R.Result()
-
+class BRECQ(RoundingPass):
     def check(self, model):
         check_has_layers(model, self.config, "brecq")
         names = R.candidate_layers(model, self.config.exclude)
@@ -176,10 +173,3 @@ class BRECQ:
                 reconstruct_layer(ctx, points_by_name[name], layer_recs.pop(name).parts, self.result, generator)
         units = f"{n_blocks} blocks + {len(self.result.losses) - n_blocks} single layers"
         ctx.report.notes.append(self.result.note("brecq", units, skipped_sites(ctx, points)))
-
-    def state_dict(self):
-        return self.result.state_dict()
-
-    def load_state_dict(self, state, ctx):
-        self.result = R.Result()
-        self.result.load_state_dict(state, ctx)
