@@ -4,9 +4,10 @@ greedy CTC transcripts from ONNX Runtime and OpenVINO vs the PyTorch models, on 
 Loads the trained recipe run (``$ESC_CONFORMER_CTC_RUN`` or ``--run``: the
 output folder of ``recipes/SpeechCommands/ASR/conformer_ctc/train.py``), takes
 its calibration (100) and test manifests, quantizes W8A8 (default: label-free
-ESC, ``esc_recommended`` settings, on the calibration features), exports FP32
+ESC with its defaults, on the calibration features), exports FP32
 and INT8 (``export_qdq_onnx``, default layout) and decodes the test clips with
-PyTorch, ONNX Runtime and OpenVINO (``esc_plugin.export.ctc.ctc_greedy_decode``,
+PyTorch, ONNX Runtime and OpenVINO, as exported and with the fusion barriers
+``esc-quantize export --format openvino`` adds (``esc_plugin.export.ctc.ctc_greedy_decode``,
 the recipe's character tokenizer). Reports WER per model and runtime, the WER
 of each artifact against its PyTorch model and the share of identical
 transcripts.
@@ -21,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import esc_plugin as esc  # noqa: E402
-from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
+from artifact_report import artifact_lines, wer_targets, write_report  # noqa: E402
 from esc_plugin.metrics.text import word_error_rate  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
 
@@ -82,6 +82,7 @@ def main(argv=None):
     from esc_plugin.export import OrtRunner, export_qdq_onnx
     from esc_plugin.export.ctc import ctc_greedy_decode
     from esc_plugin.export.openvino import OpenVinoRunner, int8_compute_ops
+    from esc_plugin.export.openvino_barriers import find_fusion_barriers
     from latency_export import export_fp32
     from latency_models import BenchModel
 
@@ -104,31 +105,33 @@ def main(argv=None):
     def transcripts(scores):
         return [" ".join("".join(tokenizer.decode_ndim(t)).split()) for t in ctc_greedy_decode(scores, blank)]
 
-    rows, torch_hyps, ov_int8 = [], {}, None
+    rows, torch_hyps, ov_int8, barriers = [], {}, None, None
     for name, module, path in (("FP32", model, out / "fp32.onnx"), ("W8A8", qmodel, out / "int8.onnx")):
         with torch.no_grad():
             torch_hyps[name] = transcripts(module(test).numpy())
         rows.append({"model": name, "runtime": "PyTorch", "wer": 100 * word_error_rate(words, torch_hyps[name])})
-        for runtime, runner in (("ONNX Runtime", OrtRunner(path, threads=args.threads)),
-                                ("OpenVINO", OpenVinoRunner(path, threads=args.threads))):
+        runners = [("ONNX Runtime", OrtRunner(path, threads=args.threads)),
+                   ("OpenVINO", OpenVinoRunner(path, threads=args.threads))]
+        if name == "W8A8":  # what `esc-quantize export --format openvino` ships: probed on calibration batches
+            barriers = find_fusion_barriers(str(path), [(b.numpy(),) for b in batches[:2]])
+            runners.append(("OpenVINO + fusion barriers",
+                            OpenVinoRunner(path, threads=args.threads, fusion_barriers=barriers["barriers"])))
+        for runtime, runner in runners:
             hyps = []
             for i in range(0, len(test), 64):
                 hyps += transcripts(runner(test[i:i + 64].numpy())[0])
-            if runtime == "OpenVINO" and name == "W8A8":
-                ov_int8 = int8_compute_ops(runner)
+            if runtime.startswith("OpenVINO") and name == "W8A8":
+                ov_int8 = {**(ov_int8 or {}), runtime: int8_compute_ops(runner)}
             rows.append({"model": name, "runtime": runtime, "wer": 100 * word_error_rate(words, hyps),
                          "wer_vs_pytorch": 100 * word_error_rate(torch_hyps[name], hyps),
                          "identical": sum(a == b for a, b in zip(hyps, torch_hyps[name]))})
-        print(rows[-3:], flush=True)
+        print(rows[-len(runners) - 1:], flush=True)
     sizes = {k: os.path.getsize(out / f"{k}.onnx") for k in ("fp32", "int8")}
-    pt = next(r["wer"] for r in rows if r["model"] == "W8A8" and r["runtime"] == "PyTorch")
-    targets = [f"{r['runtime']} INT8 WER {r['wer']:.2f} vs PyTorch W8A8 {pt:.2f}: "
-               f"{'met' if abs(r['wer'] - pt) <= 0.02 * max(pt, 1e-9) else 'not met'} (2 % relative)"
-               for r in rows if r["model"] == "W8A8" and r["runtime"] != "PyTorch"]
+    targets = wer_targets(rows)
     prov = provenance()
     res = {"provenance": prov, "run": str(args.run), "n_test": len(words), "quantization": config,
            "quantize_seconds": round(quant_seconds, 1), "rows": rows, "bytes": sizes,
-           "openvino_int8_compute_ops": ov_int8, "targets": targets}
+           "openvino_int8_compute_ops": ov_int8, "fusion_barriers": barriers, "targets": targets}
     trained = Path(args.run) / "train_log.txt"
     res["train_log_last_line"] = trained.read_text().strip().splitlines()[-1] if trained.is_file() else None
     md = ["# Conformer-CTC (in-project SpeechBrain recipe) artifact: CTC transcripts from ORT / OpenVINO", "",
@@ -141,12 +144,7 @@ def main(argv=None):
         md.append(f"| {r['model']} | {r['runtime']} | {r['wer']:.2f} | "
                   f"{r['wer_vs_pytorch']:.2f} | {r['identical']}/{len(words)} |" if "identical" in r else
                   f"| {r['model']} | {r['runtime']} | {r['wer']:.2f} | - | - |")
-    md += ["", f"Files: FP32 {sizes['fp32'] / 1e6:.2f} MB, INT8 {sizes['int8'] / 1e6:.2f} MB "
-           f"({sizes['int8'] / sizes['fp32']:.2f}×); OpenVINO INT8 compute layers int8 / float: {ov_int8}.", ""]
-    md += [f"* {t}" for t in targets]
-    write_json(results / "results.json", res)
-    write_bytes(results / "results.md", ("\n".join(md) + "\n").encode())
-    print("\n".join(md))
+    write_report(results, res, md + artifact_lines(sizes, ov_int8, barriers))
     return 0
 
 

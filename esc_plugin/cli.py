@@ -308,6 +308,15 @@ def _report_export(request, result):
     """Print what was written; exit status 3 when the TensorRT engine could not be built here."""
     for path in result["files"]:
         print(f"wrote {path}")
+    found = result.get("fusion_barriers")
+    if found and found["barriers"]:
+        print(f"OpenVINO fused {len(found['barriers'])} quantizer(s) wrongly on the calibration inputs "
+              f"(relative L2 to the Q/DQ graph {found['distance']:.3g}); the IR keeps them unfused as extra "
+              f"outputs ({', '.join(found['barriers'])}; OpenVinoRunner returns the model's own outputs), "
+              f"which brings it to {found['fixed_distance']:.3g}.")
+    elif found and not found["agrees"]:
+        print(f"warning: OpenVINO's compiled model differs from the Q/DQ graph (relative L2 "
+              f"{found['distance']:.3g}) and no fusion barrier fixes it.")
     if request.fmt == "tensorrt" and result.get("artifact") is None:
         from esc_plugin.export.tensorrt import INSTALL_HINT
 

@@ -150,7 +150,10 @@ def test_export_openvino_check_reports_int8_kernels(runs, capsys):
     assert re.search(r"artifact accuracy=(9\d|100)\.", printed)
     from esc_plugin.export.openvino import OpenVinoRunner, runs_int8
 
-    assert runs_int8(OpenVinoRunner(str(w8 / "model.xml")), require="all")
+    runner = OpenVinoRunner(str(w8 / "model.xml"))
+    assert runs_int8(runner, require="all")
+    # probed on calibration batches: this graph compiles right, so no fusion barrier was added
+    assert runner.fusion_barriers == [] and "fused" not in printed and "warning" not in printed
     assert sha256(w8 / "quantized.pt") == state  # the source is only read
 
 

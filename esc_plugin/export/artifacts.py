@@ -103,22 +103,32 @@ def profile_shapes(onnx_path, example):
     return out
 
 
-def write_openvino_ir(onnx_path, xml_path):
+def write_openvino_ir(onnx_path, xml_path, probe_inputs=None):
     """Read the QDQ ONNX with OpenVINO and save it as IR (``.xml`` + ``.bin``), atomically.
 
     ``compress_to_fp16=False``: the IR keeps float32 constants, so it computes
     what the ONNX computes (the int8 weights stay int8 either way).
+    ``probe_inputs`` (a few input groups, e.g. calibration batches): compile
+    the model on them and add the fusion barriers OpenVINO needs to compute
+    what the file says (:mod:`~esc_plugin.export.openvino_barriers`); returns
+    what was found (``None`` without probe inputs).
     """
     from .openvino import import_openvino
+    from .openvino_barriers import RT_INFO_KEY, find_fusion_barriers
 
     ov = import_openvino()
+    found = find_fusion_barriers(os.fspath(onnx_path), probe_inputs) if probe_inputs else None
     folder = os.path.dirname(os.path.abspath(xml_path))
     stem = os.path.splitext(os.path.basename(xml_path))[0]
     tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".tmp-openvino-")
     try:
         tmp_xml = os.path.join(tmp_dir, stem + ".xml")
         try:
-            ov.save_model(ov.Core().read_model(os.fspath(onnx_path)), tmp_xml, compress_to_fp16=False)
+            model = ov.Core().read_model(os.fspath(onnx_path))
+            if found and found["barriers"]:
+                model.add_outputs(found["barriers"])
+                model.set_rt_info(" ".join(found["barriers"]), RT_INFO_KEY)
+            ov.save_model(model, tmp_xml, compress_to_fp16=False)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own message
             raise ExportError(f"OpenVINO could not convert {onnx_path}: {type(exc).__name__}: {exc}") from exc
         # The weights first: the .xml (the file users open) only appears once its .bin is in place.
@@ -126,23 +136,24 @@ def write_openvino_ir(onnx_path, xml_path):
         os.replace(tmp_xml, os.path.join(folder, stem + ".xml"))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return os.fspath(xml_path)
+    return found
 
 
-def write_onnx_artifact(fmt, out, write_onnx):
+def write_onnx_artifact(fmt, out, write_onnx, probe_inputs=None):
     """``write_onnx(path)`` writes the QDQ ONNX (atomically); for ``openvino`` it is then converted to
-    IR and the intermediate removed, whatever happens. Returns the files written."""
+    IR (with the fusion barriers ``probe_inputs`` show it needs) and the intermediate removed, whatever
+    happens. Returns ``(files written, fusion barriers found or None)``."""
     onnx_path = onnx_path_of(fmt, out)
     if fmt != "openvino":
         write_onnx(onnx_path)
-        return [onnx_path]
+        return [onnx_path], None
     try:
         write_onnx(onnx_path)
-        write_openvino_ir(onnx_path, out)
+        found = write_openvino_ir(onnx_path, out, probe_inputs)
     finally:
         if os.path.exists(onnx_path):
             os.unlink(onnx_path)
-    return [out, os.path.splitext(out)[0] + ".bin"]
+    return [out, os.path.splitext(out)[0] + ".bin"], found
 
 
 def finish_tensorrt(result, onnx_path, example, engine_path, qmodel):

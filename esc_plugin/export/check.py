@@ -20,6 +20,9 @@ import torch
 from .artifacts import finish_tensorrt, runner_for
 from .errors import ExportError
 
+#: Calibration batches OpenVINO's compiled model is compared on to find its fusion barriers.
+PROBE_BATCHES = 2
+
 
 def capture_inputs(model, forward_loop):
     """The positional tensor inputs of every call of ``model`` during ``forward_loop(model)``."""
@@ -73,10 +76,12 @@ def write_single_graph(qmodel, batches, request):
 
     example = batches[0]
     ins, outs = io_names(qmodel, example)
-    files = write_onnx_artifact(request.fmt, request.out, lambda path: export_qdq_onnx(
+    files, barriers = write_onnx_artifact(request.fmt, request.out, lambda path: export_qdq_onnx(
         qmodel, example, path, ins, outs, dynamic_axes={n: {0: "batch"} for n in ins + outs},
-        mode=request.mode, clip_activations=request.clip_activations))
+        mode=request.mode, clip_activations=request.clip_activations), probe_inputs=batches[:PROBE_BATCHES])
     result = {"files": files, "artifact": request.out, "inputs": ins, "outputs": outs}
+    if barriers is not None:
+        result["fusion_barriers"] = barriers
     onnx_path = files[0]
     if request.fmt == "tensorrt":
         finish_tensorrt(result, onnx_path, example, request.out, qmodel)

@@ -28,11 +28,14 @@ def export_nemo(request, check=False):
 
     print(f"Restoring {request.source} (NeMo) ...", flush=True)
     qmodel = restore_quantized_asr_model(request.source).eval()
-    files = write_onnx_artifact(request.fmt, request.out, lambda path: export_quantized_asr_model(
-        qmodel, path, mode=request.mode, clip_activations=request.clip_activations))
-    result = {"files": files, "artifact": request.out}
-    onnx_path = files[0]
     example = tuple(qmodel.input_module.input_example())[:2]
+    # NeMo's export example (random features) also probes OpenVINO's fusions: a .nemo holds no audio.
+    files, barriers = write_onnx_artifact(request.fmt, request.out, lambda path: export_quantized_asr_model(
+        qmodel, path, mode=request.mode, clip_activations=request.clip_activations), probe_inputs=[example])
+    result = {"files": files, "artifact": request.out}
+    if barriers is not None:
+        result["fusion_barriers"] = barriers
+    onnx_path = files[0]
     if request.fmt == "tensorrt":
         finish_tensorrt(result, onnx_path, example, request.out, qmodel)
     if check and result["artifact"]:

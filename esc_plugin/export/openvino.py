@@ -33,6 +33,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import ExportError
+from .openvino_barriers import RT_INFO_KEY, check_barriers
 
 INSTALL_HINT = ('OpenVINO is not installed: pip install -e ".[openvino]" (or pip install openvino); '
                 "the QDQ ONNX itself and ONNX Runtime (OrtRunner) do not need it.")
@@ -95,12 +96,17 @@ class OpenVinoRunner:
         Inference precision of the float (non-int8) parts: ``"f32"`` (default,
         closest to the simulation), ``"bf16"``, ``"f16"``, or ``None`` for
         OpenVINO's default on the device.
+    fusion_barriers : list of str
+        Internal tensors to make extra outputs so OpenVINO cannot fuse the
+        quantizers they feed (:func:`~esc_plugin.export.openvino_barriers.find_fusion_barriers`
+        finds them; an IR written by ``esc-quantize export --format openvino``
+        lists its own). The runner returns the model's outputs only.
 
     Attributes: ``path``, ``compiled`` (the ``openvino.CompiledModel``),
-    ``input_names``, ``output_names``.
+    ``input_names``, ``output_names``, ``fusion_barriers``.
     """
 
-    def __init__(self, path, threads=1, device="CPU", precision="f32"):
+    def __init__(self, path, threads=1, device="CPU", precision="f32", fusion_barriers=()):
         config = _compile_config(threads, precision)
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
@@ -113,13 +119,25 @@ class OpenVinoRunner:
                               f"are {core.available_devices}.")
         try:
             model = core.read_model(self.path)
-            self.compiled = core.compile_model(model, device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own message
-            raise ExportError(f"OpenVINO could not read/compile {self.path} for {device}: "
+            raise ExportError(f"OpenVINO could not read {self.path}: {type(exc).__name__}: {exc}") from exc
+        stored = _stored_barriers(model)
+        check_barriers([o.get_any_name() for o in model.outputs if o.get_any_name() not in stored],
+                       list(fusion_barriers))
+        self.fusion_barriers = stored + [b for b in fusion_barriers if b not in stored]
+        try:
+            if len(self.fusion_barriers) > len(stored):
+                model.add_outputs(self.fusion_barriers[len(stored):])
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise ExportError(f"OpenVINO could not compile {self.path} for {device}: "
                               f"{type(exc).__name__}: {exc}") from exc
         self.device = device
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        barriers = set(self.fusion_barriers)
+        own = [(i, o) for i, o in enumerate(self.compiled.outputs) if not (o.get_names() & barriers)]
+        self._outputs = [i for i, _ in own]
+        self.output_names = [o.get_any_name() for _, o in own]
         self._request = self.compiled.create_infer_request()
 
     def __call__(self, *inputs):
@@ -128,8 +146,14 @@ class OpenVinoRunner:
                               f"{self.input_names}, got {len(inputs)}.")
         self._request.infer({i: _numpy(x) for i, x in enumerate(inputs)})
         # Copies: the request's output buffers are reused by the next call.
-        return [np.array(self._request.get_output_tensor(i).data, copy=True)
-                for i in range(len(self.output_names))]
+        return [np.array(self._request.get_output_tensor(i).data, copy=True) for i in self._outputs]
+
+
+def _stored_barriers(model):
+    """Barrier tensors an IR written by :func:`~esc_plugin.export.artifacts.write_openvino_ir` lists."""
+    if not model.has_rt_info(RT_INFO_KEY):
+        return []
+    return model.get_rt_info(RT_INFO_KEY).astype(str).split()
 
 
 def _compiled(compiled_or_runner):
