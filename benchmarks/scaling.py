@@ -18,7 +18,8 @@ evaluation (the denominator of the Ray-overhead target) without a search.
 
 Outputs ``results.json`` and ``results.md`` in ``--out`` with commit, dirty
 flag and command, plus a projection for Whisper large-v3 from the measured
-costs (``--projection-eval-seconds`` overrides the per-evaluation cost used).
+costs: the Whisper tiny.en evaluation of ``--whisper-eval``, and any cost given
+with ``--projection-eval-seconds`` (e.g. one measured on a GPU).
 
     python benchmarks/scaling.py --out benchmarks/results/scaling --models honk conformer_ctc --whisper-eval
 """
@@ -70,14 +71,21 @@ def build(name, device, shared):
 
 
 def run_row(model, loop, objective, options, budget):
+    options = dict(options)
+    threads, before = options.pop("threads", None), torch.get_num_threads()
     config = esc.QuantConfig(bits=8, budget=budget, **options)
-    t = time.perf_counter()
-    q = esc.quantize(model, config, loop, objective, progress=False)
-    wall = time.perf_counter() - t
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t = time.perf_counter()
+        q = esc.quantize(model, config, loop, objective, progress=False)
+        wall = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(before)
     tm = q.esc_report.timings
     n = tm["n_search_evaluations"]
     loop_s = tm["search"] - tm["executor_start"]  # the generations, without starting the actors
-    return {"options": options, "wall_s": wall, "search_s": tm["search"], "executor_start_s": tm["executor_start"],
+    return {"options": {**options, **({"threads": threads} if threads else {})}, "wall_s": wall, "search_s": tm["search"], "executor_start_s": tm["executor_start"],
             "n_search_evaluations": n, "evaluations_per_s": n / loop_s,
             "evaluation_s_sum": tm["search_evaluation_seconds"],
             "overhead_ms_per_evaluation": 1e3 * (loop_s - tm["search_evaluation_seconds"]) / n
@@ -89,7 +97,8 @@ def run_row(model, loop, objective, options, budget):
 def bench_model(name, args, ray):
     model, loop, objective, description = build(name, args.device, args.shared)
     gpu = {"num_gpus_per_worker": 1} if args.device == "cuda" else {}
-    rows = [("serial", {})]
+    # torch's own threads use both cores of a small machine well; one thread is what each Ray actor gets
+    rows = [("serial", {}), ("serial, 1 torch thread", {"threads": 1})]
     rows += [(f"ray {w} worker{'s' if w > 1 else ''}", {"executor": "ray", "workers": w, **gpu})
              for w in args.workers]
     rows += [(f"batch k={k}", {"batch_candidates": k}) for k in args.batch if k > 1]
@@ -133,7 +142,14 @@ def whisper_evaluation_seconds(shared, repeats):
         task.objective(q)
         times.append(time.perf_counter() - t)
     return {"objective": task.info.get("objective"), "n_calib": task.info.get("n_calib"),
-            "seconds": times, "median_s": float(np.median(times))}
+            "seconds": times, "median_s": float(np.median(times)),
+            "sites": len(q.esc_report.layers)}
+
+
+# Whisper parameter counts (the model cards) and layer counts (encoder + decoder): large-v3's compute per
+# token is taken as tiny.en's times the parameter ratio, its quantized sites as tiny.en's times the layer ratio.
+WHISPER_TINY_EN = {"params_m": 39, "layers": 4 + 4}
+WHISPER_LARGE_V3 = {"params_m": 1550, "layers": 32 + 32}
 
 
 def projection(eval_seconds, popsize, budget=100, gpus=(1, 8)):
@@ -144,6 +160,18 @@ def projection(eval_seconds, popsize, budget=100, gpus=(1, 8)):
         rounds = full * math.ceil(popsize / g) + (math.ceil(last / g) if last else 0)
         out[g] = {"rounds": rounds, "hours": rounds * eval_seconds / 3600}
     return out
+
+
+def large_v3_projection(tiny_eval_seconds, tiny_sites, tiny_clips, source, budget=100, clips=100):
+    """ESC on Whisper large-v3 (Γ = ``budget``, n = ``clips``) on 1 vs 8 GPUs, from a measured tiny.en
+    evaluation on ``tiny_clips`` clips (its cost taken as proportional to the number of clips)."""
+    sites = tiny_sites * WHISPER_LARGE_V3["layers"] // WHISPER_TINY_EN["layers"]
+    popsize = 4 + int(3 * math.log(sites))  # cma's default λ, as ScaleSearch uses
+    eval_s = tiny_eval_seconds * clips / tiny_clips * WHISPER_LARGE_V3["params_m"] / WHISPER_TINY_EN["params_m"]
+    return {"source": source, "tiny_eval_s": tiny_eval_seconds, "tiny_sites": tiny_sites, "tiny_clips": tiny_clips,
+            "clips": clips, "sites": sites,
+            "popsize": popsize, "eval_s": eval_s, "budget": budget,
+            "gpus": {str(g): v for g, v in projection(eval_s, popsize, budget).items()}}
 
 
 def markdown(result):
@@ -172,6 +200,26 @@ def markdown(result):
         lines += ["## Whisper tiny.en objective evaluation", "",
                   f"objective `{w['objective']}` on {w['n_calib']} clips, {result['device']}: median "
                   f"{w['median_s']:.2f} s over {len(w['seconds'])} calls.", ""]
+        for m in result["models"]:
+            for r in m["rows"]:
+                if r.get("options", {}).get("executor") == "ray" and r.get("overhead_ms_per_evaluation") is not None:
+                    ms = r["overhead_ms_per_evaluation"]
+                    lines += [f"* Ray overhead per evaluation ({m['model']}, {r['row']}): {ms:.1f} ms = "
+                              f"{100 * ms / 1e3 / w['median_s']:.2f} % of a Whisper tiny.en evaluation."]
+        lines.append("")
+    for p in result.get("projections", []):
+        one, eight = p["gpus"]["1"], p["gpus"]["8"]
+        lines += [f"## Projection: ESC on Whisper large-v3 (Γ = {p['budget']}, n = 100), from {p['source']}", "",
+                  f"A tiny.en evaluation took {p['tiny_eval_s']:.2f} s on {p['tiny_clips']} clips over "
+                  f"{p['tiny_sites']} activation sites. Large-v3 is taken as {p['clips']} / {p['tiny_clips']} "
+                  f"clips × {WHISPER_LARGE_V3['params_m']} M / {WHISPER_TINY_EN['params_m']} M "
+                  f"parameters = compute per evaluation ({p['eval_s']:.0f} s each) and "
+                  f"{WHISPER_LARGE_V3['layers']} / {WHISPER_TINY_EN['layers']} layers = sites ({p['sites']}, "
+                  f"so λ = {p['popsize']}); a generation's λ candidates are spread over the GPUs "
+                  "(Ray, one actor per GPU), generations run one after another.", "",
+                  "| GPUs | rounds of evaluations | search hours |", "|---|---|---|",
+                  f"| 1 | {one['rounds']} | {one['hours']:.2f} |", f"| 8 | {eight['rounds']} | {eight['hours']:.2f} |",
+                  ""]
     for note in result.get("notes", []):
         lines.append(f"* {note}")
     lines.append("")
@@ -191,6 +239,11 @@ def main(argv=None):
     ap.add_argument("--shared", default=None)
     ap.add_argument("--whisper-eval", action="store_true")
     ap.add_argument("--whisper-repeats", type=int, default=2)
+    ap.add_argument("--projection-eval-seconds", type=float, nargs=3, metavar=("SECONDS", "SITES", "CLIPS"),
+                    default=None, help="project large-v3 also from this tiny.en evaluation cost (e.g. one measured "
+                                       "on a GPU), its number of activation sites and of clips")
+    ap.add_argument("--projection-source", default="--projection-eval-seconds",
+                    help="where the --projection-eval-seconds cost was measured (printed with the projection)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,8 +261,15 @@ def main(argv=None):
             result["models"].append(bench_model(name, args, ray))
             _write(out, result)
         if args.whisper_eval:
-            result["whisper_evaluation"] = whisper_evaluation_seconds(args.shared, args.whisper_repeats)
+            w = result["whisper_evaluation"] = whisper_evaluation_seconds(args.shared, args.whisper_repeats)
+            result.setdefault("projections", []).append(
+                large_v3_projection(w["median_s"], w["sites"], w["n_calib"],
+                                    f"this run's tiny.en evaluation ({args.device})", args.budget))
             _write(out, result)
+        if args.projection_eval_seconds:
+            seconds, sites, clips = args.projection_eval_seconds
+            result.setdefault("projections", []).append(
+                large_v3_projection(seconds, int(sites), int(clips), args.projection_source, args.budget))
     finally:
         ray.shutdown()
     _write(out, result)

@@ -114,18 +114,53 @@ def test_batching_label_free_on_a_transformer():  # nn.MultiheadAttention runs t
     assert np.array_equal(batched[0], single[0]) and batched[1] == single[1]
 
 
+def _single_and_batched(model, data, k):
+    def loop(m):
+        for x in data:
+            m(x)
+
+    def run(**kw):
+        q = esc.quantize(model, esc.QuantConfig(bits=8, budget=2 * k, popsize=k, init="output_mse", **kw), loop,
+                         progress=False)
+        return np.array([la.final for la in q.esc_report.layers]), [h["loss"] for h in q.esc_report.history]
+
+    return run(), run(batch_candidates=k)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_batching_finds_the_rows_of_a_time_major_module(k):
+    """Linear layers applied to (T, B, D) inside a batch-first model (as SpeechBrain's feed-forward
+    modules are): the tiled batch is found in dim 1, so candidates' rows are not mixed."""
+    torch.manual_seed(0)
+    single, batched = _single_and_batched(TimeMajorNet().eval(), [torch.randn(4, 10, 8) * 3], k)
+    assert np.array_equal(batched[0], single[0]) and batched[1] == single[1]
+
+
+class AcrossBatchNet(TimeMajorNet):
+    """Mixes the rows of the batch (centres over it, or pools it away before a quantized op)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(h.mean(0)) if self.pool else self.out(h - h.mean(0, keepdim=True))
+
+
 def test_batching_refuses_a_model_that_mixes_candidates():
     torch.manual_seed(0)
-    model = TimeMajorNet().eval()
     data = [torch.randn(4, 10, 8) * 3]
 
     def loop(m):
         m(data[0])
 
-    with pytest.raises(CalibrationError, match="batch_candidates=5"):  # T = 10 rows split in 5 blocks: checked
-        esc.quantize(model, esc.QuantConfig(budget=10, popsize=5, batch_candidates=5), loop, progress=False)
+    with pytest.raises(CalibrationError, match="batch_candidates=5"):  # shapes fit; the check sees the mixing
+        esc.quantize(AcrossBatchNet(pool=False).eval(), esc.QuantConfig(budget=10, popsize=5, batch_candidates=5),
+                     loop, progress=False)
     with pytest.raises(CalibrationError, match="does not hold 3 candidates"):
-        esc.quantize(model, esc.QuantConfig(budget=6, popsize=3, batch_candidates=3), loop, progress=False)
+        esc.quantize(AcrossBatchNet(pool=True).eval(), esc.QuantConfig(budget=6, popsize=3, batch_candidates=3),
+                     loop, progress=False)
 
 
 def test_batching_needs_an_objective_that_declares_it(honk):

@@ -57,7 +57,11 @@ class ActivationQuantizer(TensorQuantizer):
     def _quantize_per_candidate(self, inputs):
         k, rows = self.candidate_amax.numel(), self.candidate_rows
         x = inputs.contiguous()
-        if self.candidate_layout == "time_major" and rows and x.dim() >= 2 and x.shape[1] == rows:
+        # A module applied time-major inside a batch-first model (SpeechBrain's feed-forward permutes to
+        # (T, B, D)) shows the tiled batch in dim 1 and not in dim 0: its rows are found there too.
+        time_major = self.candidate_layout == "time_major" or (
+            rows and x.dim() >= 2 and x.shape[0] != rows and x.shape[1] == rows)
+        if time_major and rows and x.dim() >= 2 and x.shape[1] == rows:
             blocks, shape = x.reshape(x.shape[0], k, -1), (1, k, 1)
         elif self.candidate_layout == "time_major" and rows and x.dim() == 2 and x.shape[0] % rows == 0:
             blocks, shape = x.reshape(-1, k, rows // k * x.shape[1]), (1, k, 1)  # (T·k·B, D) -> (T, k, B·D)
@@ -66,11 +70,13 @@ class ActivationQuantizer(TensorQuantizer):
         else:
             from .batching import BatchingError
 
+            shared = " (one row for the whole batch: an input such as positional embeddings, which k candidates' " \
+                     "scales cannot act on in one forward)" if x.dim() and x.shape[0] == 1 else ""
             raise BatchingError(
                 f"batch_candidates={k}: the input of '{self.esc_name}' has shape {tuple(inputs.shape)}, which does not "
-                f"hold {k} candidates' rows ({self.candidate_layout.replace('_', '-')}, {rows} tiled rows): "
-                "population batching needs batch-first activations at every quantized op. Use batch_candidates=1 "
-                "for this model.")
+                f"hold {k} candidates' rows ({self.candidate_layout.replace('_', '-')}, {rows} tiled rows){shared}: "
+                "population batching needs batch-first (or time-major) activations at every quantized op. Use "
+                "batch_candidates=1 for this model, or exclude that op from quantization.")
         amax = self.candidate_amax.to(inputs.device).reshape(shape)
         out = fake_tensor_quant(blocks, amax, None, self._num_bits, self._unsigned, self._narrow_range)
         return out.reshape(inputs.shape)
