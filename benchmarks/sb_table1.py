@@ -43,6 +43,8 @@ from esc_plugin.speechbrain.settings import PEERS  # noqa: E402
 # so not presets: row name -> (base preset, extra stage options)
 STAGE_VARIANTS = {"esc_loss": ("esc", {"metric": "loss"}),
                   "esc_distill": ("esc", {"objective": "distill"}),
+                  # the recipe's metric with the label-free distance to FP32 added as a tie-breaker
+                  "esc_tiebreak": ("esc", {"distill_weight": 1.0}),
                   "esc_paper_loss": ("esc_paper", {"metric": "loss"}),
                   "esc_initbest_loss": ("esc_initbest", {"metric": "loss"})}
 
@@ -145,10 +147,10 @@ def main(argv=None):
             if method in PEERS and bits != 8:
                 continue  # peers run their INT8 default preset
             quantize, options = recipe_options(method)
-            block = "{" + ", ".join(f"{k}: {v}" for k, v in {"bits": bits, **options}.items()) + "}"
+            folder = os.path.join(run_dir, "quantized", f"{method}_w{bits}a{bits}")  # the row's own folder
+            block = quantization_block({"bits": bits, **options, "output_folder": folder})
             seconds = run_recipe(args.train_py, args.hparams,
                                  base + [f"--quantize={quantize}", f"--quantization={block}"], log)
-            folder = os.path.join(run_dir, "quantized", f"{method}_w{bits}a{bits}")
             with open(os.path.join(folder, "metrics.json")) as f:
                 m = json.load(f)
             rows = [r for r in rows if (r["config"], r["method"]) not in

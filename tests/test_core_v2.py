@@ -368,8 +368,38 @@ def test_split_aware_objective_is_guarded(kws):
                 return objective(m)
             return search, select
 
-    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=6, popsize=3), loop, Split(), progress=False)
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=6, popsize=3, init="output_mse"), loop, Split(),
+                     progress=False)
     assert calls["select"] == 3 and [r["name"] for r in q.esc_report.selection] == ["mean", "best_sample", "init"]
+
+
+def test_the_guard_also_weighs_the_starts_the_search_did_not_take(kws):
+    """With init="best" the output-MSE init and every baseline are candidates on the held-back part:
+    a held-back part that prefers the largest scales (max calibration) gets them, whatever the
+    search part preferred."""
+    from esc_plugin.core.quantizers import ActivationQuantizer
+
+    model, data, loop, objective = kws
+
+    def largest_scales(m):
+        return -sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
+
+    class Split:
+        def __call__(self, m):
+            return objective(m)
+
+        def split(self, fraction):
+            return objective, largest_scales
+
+    q = esc.quantize(model, esc.QuantConfig(bits=4, budget=6, popsize=3), loop, Split(), progress=False)
+    rows = q.esc_report.selection
+    names = [r["name"] for r in rows]
+    starts = {"start_output_mse", "start_max", "start_percentile", "start_entropy", "start_mse"}
+    assert names[:3] == ["mean", "best_sample", "init"] and set(names[3:]) < starts and len(names) == 7
+    assert all(r["selection"] is not None and r["search"] is not None for r in rows)
+    maxed = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    assert [la.final for la in q.esc_report.layers] == [la.final for la in maxed.esc_report.layers]
+    assert any("chose the start_max" in n or "chose the init" in n for n in q.esc_report.notes)
 
 
 # ------------------------------------------------------------------ bias correction and fallback

@@ -108,6 +108,9 @@ def test_quantize_coverage_objective_and_fp32_untouched(tiny):
     assert report.timings["n_evaluations"] >= 6
     features = qmodel.esc_features
     assert features.n_utterances == 100 and len(features.batches) == 2
+    # NeMo's WER splits by batch for the selection guard (two batches: one is held back)
+    assert "selection guard: the objective's split (20% held back: 1 of 2 parts, 50 of 100 samples)" \
+        in report.notes and [r["name"] for r in report.selection][:3] == ["mean", "best_sample", "init"]
 
 
 def test_objective_is_corpus_wer_over_all_batches(tiny):
@@ -200,11 +203,15 @@ def test_nemo_export_writes_qdq_and_ort_matches(tiny):
     for h in hooks:
         h.remove()
     n_quantizers = len(called)
-    path = str(tmp / "w8a8.onnx")
+    path, float_weights = str(tmp / "w8a8.onnx"), str(tmp / "w8a8_float_weights.onnx")
     qmodel.export(path)
-    counts = count_qdq(path)
+    esc_nemo.export_quantized_asr_model(qmodel, float_weights, int8_weights=False)
+    counts = count_qdq(float_weights)
     assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == n_quantizers
-    assert export_metadata(path)["exporter"] == "nemo"  # checked by onnx.checker on the way
+    # int8 weights: each constant W -> QuantizeLinear folded into int8 codes
+    assert count_qdq(path)["DequantizeLinear"] == n_quantizers > count_qdq(path)["QuantizeLinear"]
+    meta = export_metadata(path)  # checked by onnx.checker on the way
+    assert meta["exporter"] == "nemo" and meta["int8_weights"] == "True"
     # Another batch size and length than NeMo's export example.
     feats, lens = qmodel.esc_features.batches[0][0][:3, :, :77], torch.tensor([77, 70, 60])
     ref = outputs(qmodel, feats, lens)[0].numpy()

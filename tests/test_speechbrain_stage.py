@@ -248,3 +248,15 @@ def test_stage_label_free_objective(trained):
     hparams.update(quantization={"objective": "labels"})
     with pytest.raises(ConfigError, match="'metric'.*'distill'"):
         quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test, progress=False)
+
+
+def test_selection_guard_holds_back_a_full_batch_not_the_short_last_one(trained):
+    """25 calibration samples in batches of 8 (8, 8, 8, 1): the guard holds back one full batch
+    (8 samples, the nearest to 20 %), not the last batch of 1, and the report says so."""
+    brain, hparams, test, out = trained
+    hparams.update(quantize="esc", quantization={"bits": 8, "budget": 4, "n_samples": 25, "seed": 0,
+                                                 "init": "output_mse"})
+    result = quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test,
+                            loader_kwargs={"batch_size": 8}, progress=False)
+    assert "selection guard: the objective's split (20% held back: 1 of 4 parts, 8 of 25 samples)" \
+        in result.report.notes

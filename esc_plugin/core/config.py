@@ -124,7 +124,8 @@ class QuantConfig:
     selection_split : float or None
         Selection guard: the fraction of calibration calls held back from the
         search; the final scales are chosen among the search mean, the best
-        sample and the start point on that held-back part. Applies to the
+        sample and the start point on that held-back part (with
+        ``init="best"``, also among the other start candidates). Applies to the
         distillation objective and to objectives with a ``split(fraction)``
         method; ``None`` turns it off.
     fallback_layers : int

@@ -170,7 +170,9 @@ def _choose_objective(ctx, spec):
         if callable(ctx.objective) and ctx.objective is not user:  # distillation added on top
             search = _Sum(search, ctx.objective.distill, config.distill_weight)
         ctx.use_objective(search, select)
-        report.notes.append(f"selection guard: the objective's split ({split:.0%} held back)")
+        held = getattr(user, "held_back", None)
+        report.notes.append(f"selection guard: the objective's split ({split:.0%} held back"
+                            + (f": {held})" if held else ")"))
     elif split and getattr(ctx.objective, "splits", False):
         report.notes.append(f"selection guard: {split:.0%} of the calibration samples held back")
     elif split and spec.objective != "none" and ctx.has_objective:

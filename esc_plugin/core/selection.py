@@ -32,6 +32,10 @@ class SplitObjective:
     ``fn(model, indices)`` scores the parts at ``indices`` (``None``: all).
     ``split(fraction)`` returns ``(search, selection)`` objectives over
     disjoint parts: every k-th part (k = round(1 / fraction)) is held back.
+    ``sizes`` (samples per part, e.g. the batch sizes of a data loader whose
+    last batch is short): of the k ways to take every k-th part, the one whose
+    held-back samples are closest to ``fraction`` of all is used, so a short
+    last batch is not the whole held-back part.
     With fewer than two parts there is nothing to hold back: ``split`` is
     ``None`` and the pipeline notes that the guard is off.
 
@@ -43,14 +47,20 @@ class SplitObjective:
     (10.0, 8.0, 2.0)
     >>> SplitObjective(lambda m, idx: 0.0, 1).split is None
     True
+    >>> batches = SplitObjective(lambda m, idx: 0.0, 5, sizes=[24, 24, 24, 24, 4])
+    >>> batches.split(0.2)[1].indices  # a full batch (24 of 100 samples), not the short one (4)
+    [3]
     """
 
     #: set True when ``fn``'s model calls can be tiled by ``QuantConfig(batch_candidates=k)``
     #: (see :mod:`esc_plugin.core.batching`); its two parts inherit it
     supports_candidate_batching = False
 
-    def __init__(self, fn, n):
+    def __init__(self, fn, n, sizes=None):
         self.fn, self.n = fn, n
+        self.sizes = None if sizes is None else [float(s) for s in sizes]
+        if self.sizes is not None and len(self.sizes) != n:
+            raise ValueError(f"sizes has {len(self.sizes)} entries for {n} parts")
         if n < 2:
             self.split = None
 
@@ -59,8 +69,19 @@ class SplitObjective:
 
     def split(self, fraction):
         every = max(2, min(round(1 / fraction), self.n))
-        held = [i for i in range(self.n) if i % every == every - 1]
-        rest = [i for i in range(self.n) if i % every != every - 1]
+        offset = every - 1
+        if self.sizes is not None and sum(self.sizes) > 0:
+            total = sum(self.sizes)
+
+            def gap(o):
+                return abs(sum(s for i, s in enumerate(self.sizes) if i % every == o) / total - fraction)
+
+            offset = min(reversed(range(every)), key=gap)  # ties: the last offset, as without sizes
+        held = [i for i in range(self.n) if i % every == offset]
+        rest = [i for i in range(self.n) if i % every != offset]
+        self.held_back = f"{len(held)} of {self.n} parts"
+        if self.sizes is not None:
+            self.held_back += f", {sum(self.sizes[i] for i in held):g} of {sum(self.sizes):g} samples"
         return _Part(self, rest), _Part(self, held)
 
 

@@ -20,14 +20,14 @@ import os
 from pathlib import Path
 
 from ..core.io import atomic_path
-from ..export import ExportError, check_exportable, export_context, op_counts
+from ..export import ExportError, check_exportable, export_context, fold_weight_quantizers, op_counts
 from ..export.onnx import METADATA_PREFIX
 from .model import base_export as _base_export
 from .model import is_quantized_asr_model
 
 
 def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=False, use_dynamo=False,
-                               **nemo_export_args):
+                               int8_weights=True, **nemo_export_args):
     """Export a quantized NeMo model with NeMo's exporter; returns NeMo's ``(outputs, descriptions)``.
 
     Arguments
@@ -40,6 +40,10 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
         As in :func:`esc_plugin.export.export_qdq_onnx` (``"qdq"`` int8 Q/DQ by default).
     use_dynamo : bool
         Must stay False (see the module doc).
+    int8_weights : bool
+        Store the weights as int8 codes (each constant ``W -> QuantizeLinear`` folded into an int8
+        initializer, as :func:`esc_plugin.export.export_qdq_onnx` does), so the file is about a
+        quarter of the FP32 one; False keeps NeMo's float weights in front of their QuantizeLinear.
     **nemo_export_args
         NeMo's ``export`` arguments (``input_example``, ``dynamic_axes``,
         ``onnx_opset_version`` (default 17), ``check_trace``...).
@@ -75,9 +79,10 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
                 raise ExportError("NeMo's export wrote no QuantizeLinear node although the model is "
                                   "quantized: the fake quantization was not exported (was "
                                   "torch.onnx.export patched, or dynamo used?).")
+            folded = fold_weight_quantizers(graph) if mode == "qdq" and int8_weights else 0
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits, "act_bits": plan.config.act_bits,
                     "method": plan.config.method, "clip_activations": bool(clip_activations),
-                    "exporter": "nemo"}
+                    "exporter": "nemo", "int8_weights": bool(folded)}
             for key, value in meta.items():
                 entry = graph.metadata_props.add()
                 entry.key, entry.value = METADATA_PREFIX + key, str(value)

@@ -135,11 +135,19 @@ class ASRFeatureCache:
         for feats, feats_len, _, _ in self.batches:
             model(processed_signal=feats, processed_signal_length=feats_len)
 
+    def split_objective(self):
+        """:meth:`word_error_rate` as a :class:`~esc_plugin.core.selection.SplitObjective` over the
+        cached batches, so ESC's selection guard can hold some of them back."""
+        from esc_plugin.core.selection import SplitObjective
+
+        return SplitObjective(self.word_error_rate, len(self.batches),
+                              sizes=[int(b[0].shape[0]) for b in self.batches])
+
     @torch.no_grad()
-    def word_error_rate(self, model):
+    def word_error_rate(self, model, indices=None):
         """NeMo's ``WER`` (corpus level: edits / reference words, a fraction) of ``model`` on the
-        cached utterances, decoded with ``model.decoding``; the model runs in eval mode (its modes
-        are restored after).
+        cached utterances (the batches at ``indices``, all by default), decoded with
+        ``model.decoding``; the model runs in eval mode (its modes are restored after).
 
         NeMo's ``WER.update`` keeps only the last batch's counts (its validation loop computes
         each batch and sums numerators and denominators at the epoch's end), so the counts of
@@ -151,7 +159,9 @@ class ASRFeatureCache:
                      dist_sync_on_step=False)
         errors, words = 0.0, 0.0
         with evaluation_mode(model):
-            for feats, feats_len, tokens, tokens_len in self.batches:
+            for i, (feats, feats_len, tokens, tokens_len) in enumerate(self.batches):
+                if indices is not None and i not in indices:
+                    continue
                 log_probs, encoded_len, _ = model(processed_signal=feats, processed_signal_length=feats_len)
                 metric.update(predictions=log_probs, predictions_lengths=encoded_len,
                               targets=tokens, targets_lengths=tokens_len)

@@ -119,7 +119,7 @@ def quantize_asr_model(asr_model, config=None, *, manifest, n_samples=None, batc
     with quantizable(asr_model):
         fp32_objective = features.word_error_rate(asr_model)
         qmodel = esc.quantize(asr_model, config, features.forward_loop,
-                              features.word_error_rate if objective == "metric" else None, progress=progress)
+                              features.split_objective() if objective == "metric" else None, progress=progress)
     qmodel = as_quantized_asr_model(qmodel)
     report = qmodel.esc_report
     report.objective["fp32"] = fp32_objective

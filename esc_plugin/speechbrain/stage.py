@@ -143,8 +143,9 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
             return sum(losses) / len(losses)
         return read_value(getattr(brain, metric_name), settings.metric_key, hib)
 
-    # split by batch for the core's selection guard (every k-th batch held back)
-    objective = SplitObjective(objective_on, len(batches))
+    # split by batch for the core's selection guard (every k-th batch held back; the batch sizes make
+    # sure a short last batch is not all that is held back)
+    objective = SplitObjective(objective_on, len(batches), sizes=[_batch_size(b) for b in batches])
 
     fp32_objective = objective(brain.modules)  # also records the front-end cache
     if cache:
@@ -308,3 +309,14 @@ def file_digest(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _batch_size(batch):
+    """Samples in a calibration batch (a SpeechBrain ``PaddedBatch``, or anything with a length)."""
+    size = getattr(batch, "batchsize", None)
+    if size is None:
+        try:
+            size = len(batch)
+        except TypeError:
+            size = 1
+    return size

@@ -25,6 +25,7 @@ BASELINES = ("max", "percentile", "entropy", "mse")
 class EscCalibrator:
     def __init__(self, config):
         self.config = config
+        self.starts = []  # [(name, amax, search-part score)] of the start candidates not taken as the init
 
     def calibrate(self, ctx):
         cfg, report = self.config, ctx.report
@@ -63,9 +64,12 @@ class EscCalibrator:
             if name == "init":
                 report.notes.append("the search mean scored worse than the local init: kept the init")
             return name, amax, score
+        # the start candidates the search did not start from are candidates too: the start was
+        # chosen on the search part, which a coarse metric on few samples can mislead
         rows = [("mean", mean, report.objective["final"], mean_selection),
                 ("best_sample", search.best_amax, search.best_loss, search.best_selection),
                 ("init", driver.init, driver.init_objective, None)]
+        rows += [(f"start_{name}", amax, score, None) for name, amax, score in self.starts]
         scored = []
         for name, amax, score, selection in rows:
             if amax is None:
@@ -89,12 +93,15 @@ class EscCalibrator:
         ctx.report.timings["local_init"] = time.perf_counter() - t
         score, start = ctx.evaluate(init), "output_mse"
         if self.config.init == "best":
+            candidates = [("output_mse", init, score)]
             for name in BASELINES:
                 amax = ctx.baseline(name)
                 value = ctx.evaluate(amax)
                 ctx.report.objective[f"start_{name}"] = value
+                candidates.append((name, amax, value))
                 if value < score:
                     init, score, start = amax, value, name
+            self.starts = [c for c in candidates if c[0] != start]
             if start != "output_mse":
                 ctx.report.notes.append(f"ESC started from the {start} scales (better objective than the "
                                         "output-MSE init)")
