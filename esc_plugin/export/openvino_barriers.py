@@ -65,14 +65,14 @@ class _Probe:
     def __init__(self, onnx_path, inputs, device="CPU"):
         import onnx
 
-        from .openvino import import_openvino
+        from .openvino import _numpy, import_openvino
         from .ort import _ort
 
         ort = _ort()
         self.ov = import_openvino()
         self.model = onnx.load(onnx_path)
         self.outputs = [o.name for o in self.model.graph.output]
-        self.inputs = [[np.ascontiguousarray(_numpy(x)) for x in group] for group in inputs]
+        self.inputs = [[_numpy(x) for x in group] for group in inputs]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
@@ -91,10 +91,6 @@ class _Probe:
             result = compiled(list(group))
             worst = max(worst, relative_l2(ref, [result[compiled.output(name)] for name in self.outputs]))
         return worst
-
-
-def _numpy(x):
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def find_fusion_barriers(onnx_path, inputs, device="CPU"):
