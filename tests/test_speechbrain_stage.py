@@ -105,6 +105,11 @@ def test_stage_quantizes_with_the_brains_metric_and_keeps_fp32(trained):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["objective_name"] == "acc_metric"
     assert metrics["fp32"]["accuracy"] == pytest.approx(fp32_stats["accuracy"])
+    # The Brain's test_stats lack the tracker's objective value: FP32 is evaluated again, so every
+    # quantized test metric has its FP32 counterpart (the tables compare them).
+    assert set(metrics["quantized"]) <= set(metrics["fp32"])
+    assert metrics["fp32"]["acc_metric_objective"] == pytest.approx(
+        metrics["quantized"]["acc_metric_objective"], abs=0.1)
     assert metrics["quantized"]["accuracy"] >= 0.9
     report = result.report
     # Γ candidates + the mean + the start (the init and the baselines, percentile's own candidates)

@@ -189,3 +189,9 @@ def read_value(tracker, key=None, higher_is_better=None):
         return -value if higher_is_better else value
     value = float(tracker.summarize(key or "average"))
     return -value if higher_is_better else value
+
+
+def fp32_lacks_test_metrics(metrics):
+    """True when ``metrics["fp32"]`` misses a test metric that ``metrics["quantized"]`` has, so the
+    two rows of a table could not be compared."""
+    return metrics["fp32"] is None or not set(metrics["quantized"] or {}) <= set(metrics["fp32"])

@@ -30,6 +30,7 @@ import speechbrain as sb
 from ..core.errors import ConfigError
 from ..core.io import write_json
 from .binding import bound_modules
+from .metric import fp32_lacks_test_metrics
 
 TEST = sb.Stage.TEST
 # NNCF node names are "<module path>/<op>/<index>"; ops called outside any module have an empty path
@@ -124,7 +125,7 @@ def run_peer_stage(brain, settings, batches, objective, fp32_objective, evaluate
                    "fp32": fp32_metrics, "quantized": None, "seconds": seconds}
         if test_set is not None:
             metrics["quantized"] = evaluate(brain.modules, folder)
-    if test_set is not None and metrics["fp32"] is None:
+    if test_set is not None and fp32_lacks_test_metrics(metrics):
         metrics["fp32"] = evaluate(brain.modules, os.path.join(folder, "fp32_test"))
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "metrics.json"), metrics)

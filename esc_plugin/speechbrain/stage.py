@@ -25,7 +25,7 @@ from ..core.io import write_json
 from ..core.selection import SplitObjective
 from .binding import bound_modules
 from .frontcache import FrontEndCache
-from .metric import LOSS, choose_tracker, read_value, resolve_direction
+from .metric import LOSS, choose_tracker, fp32_lacks_test_metrics, read_value, resolve_direction
 from .outputs import check_output_folder, redirect_outputs, restore_outputs
 from .settings import read_settings
 
@@ -178,12 +178,13 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
                "fp32": _float_dict(brain.__dict__.get("test_stats")), "quantized": None,
                "seconds": report.timings.get("total")}
     if test_set is not None:
-        if metrics["fp32"] is None:
-            # The recipe's Brain keeps no test_stats (SpeechBrain's templates only log them):
-            # evaluate the FP32 modules too, its outputs also kept out of the FP32 run's files.
+        metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, objective_spec)
+        if fp32_lacks_test_metrics(metrics):
+            # The recipe's Brain keeps no test_stats (SpeechBrain's templates only log them), or they
+            # lack the objective tracker's value that the quantized row reports: evaluate the FP32
+            # modules too, its outputs also kept out of the FP32 run's files.
             metrics["fp32"] = _evaluate(brain, brain.modules, test_set, loader_kwargs,
                                         os.path.join(folder, "fp32_test"), objective_spec)
-        metrics["quantized"] = _evaluate(brain, qmodules, test_set, loader_kwargs, folder, objective_spec)
     write_json(os.path.join(folder, "metrics.json"), metrics)
     return StageResult(folder, qmodules, report, metrics)
 
