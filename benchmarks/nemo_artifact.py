@@ -10,7 +10,9 @@ and the model's own greedy CTC decoding; the preprocessor stays in PyTorch (the
 exported graph starts at the mel features, as NeMo's export does). OpenVINO
 runs as compiled from the file and with the fusion barriers
 ``esc-quantize export --format openvino`` adds (probed on two calibration
-batches)::
+batches). Both graphs get a positional-encoding table sized for the longest
+manifest utterance (``max_audio_seconds``); the file sizes are reported with
+NeMo's own table too::
 
     python recipes/NeMo/asr/train_conformer_ctc.py data.manifest_dir=/tmp/nemo_asr/manifests \\
         output.model=/tmp/nemo_asr/conformer_ctc_char.nemo output.metrics=/tmp/nemo_asr/train_metrics.json
@@ -18,6 +20,7 @@ batches)::
         --manifests /tmp/nemo_asr/manifests --out /tmp/nemo_art --results benchmarks/results/nemo_artifact
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -65,13 +68,16 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for the ONNX files")
     p.add_argument("--results", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="positional table of the exported graphs (default: the longest manifest utterance)")
     args = p.parse_args(argv)
     from nemo.collections.asr.models import ASRModel
 
     from esc_plugin.export import OrtRunner
     from esc_plugin.export.openvino import OpenVinoRunner, int8_compute_ops
     from esc_plugin.export.openvino_barriers import find_fusion_barriers
-    from esc_plugin.nemo import ASRFeatureCache, export_quantized_asr_model, quantization_config, quantize_asr_model
+    from esc_plugin.nemo import (ASRFeatureCache, encoder_positions, export_quantized_asr_model,
+                                 quantization_config, quantize_asr_model, read_manifest)
 
     prov = provenance()
     out, results = Path(args.out), Path(args.results)
@@ -84,8 +90,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     qmodel = quantize_asr_model(fp32, config, manifest=str(manifests / "calibration.json"), n_samples=100)
     quant_seconds = time.perf_counter() - t0
-    fp32.export(str(out / "fp32.onnx"))
-    export_quantized_asr_model(qmodel, str(out / "int8.onnx"))
+    seconds = args.max_audio_seconds or math.ceil(10 * max(
+        e["duration"] for m in ("calibration", "test") for e in read_manifest(manifests / f"{m}.json"))) / 10
+    fp32.export(str(out / "fp32_nemo_table.onnx"))
+    export_quantized_asr_model(qmodel, str(out / "int8_nemo_table.onnx"))
+    with encoder_positions(fp32, seconds):
+        fp32.export(str(out / "fp32.onnx"))
+    export_quantized_asr_model(qmodel, str(out / "int8.onnx"), max_audio_seconds=seconds)
     calib = [(f.numpy(), n.numpy()) for f, n, _, _ in qmodel.esc_features.batches[:2]]
     barriers = find_fusion_barriers(str(out / "int8.onnx"), calib)
 
@@ -109,16 +120,18 @@ def main(argv=None):
             if runtime.startswith("OpenVINO") and name == "W8A8":
                 kernels[runtime] = int8_compute_ops(runner)
         print(rows[-len(runners) - 1:], flush=True)
-    sizes = {k: os.path.getsize(out / f"{k}.onnx") for k in ("fp32", "int8")}
+    sizes = {k: os.path.getsize(out / f"{k}.onnx") for k in ("fp32", "int8", "fp32_nemo_table", "int8_nemo_table")}
     targets = wer_targets(rows)
     res = {"provenance": prov, "model": args.model, "n_test": test.n_utterances, "quantization": "esc W8A8 defaults",
-           "quantize_seconds": round(quant_seconds, 1), "rows": rows, "bytes": sizes,
+           "quantize_seconds": round(quant_seconds, 1), "rows": rows, "bytes": sizes, "max_audio_seconds": seconds,
            "openvino_int8_compute_ops": kernels, "fusion_barriers": barriers, "targets": targets}
     md = ["# NeMo Conformer-CTC (in-project recipe) artifact: WER from ORT / OpenVINO", "",
           f"Command: `python {' '.join(prov['command'])}` at commit {prov['commit']}"
           f"{' (uncommitted changes in the tree)' if prov['dirty'] else ''}", "",
           f"Model `{args.model}`; {test.n_utterances} test utterances (NeMo's WER, greedy CTC); W8A8 ESC with "
-          f"its defaults on the first 100 calibration utterances ({quant_seconds:.0f} s).", "",
+          f"its defaults on the first 100 calibration utterances ({quant_seconds:.0f} s). Graphs exported with "
+          f"the positional table sized for {seconds} s (`max_audio_seconds`); NeMo's own table (pos_emb_max_len): "
+          f"FP32 {sizes['fp32_nemo_table'] / 1e6:.2f} MB, INT8 {sizes['int8_nemo_table'] / 1e6:.2f} MB.", "",
           "| model | runtime | WER % ↓ | relative to PyTorch | identical transcripts |", "|---|---|---|---|---|"]
     for r in rows:
         rel, same = r.get("relative_to_pytorch"), r.get("identical")

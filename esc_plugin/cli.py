@@ -125,6 +125,10 @@ def build_parser():
     exp.add_argument("--clip-activations", action="store_true",
                      help="Clip before each activation QuantizeLinear (the graph then matches the "
                           "narrow-range simulation exactly)")
+    exp.add_argument("--max-audio-seconds", type=float, default=None,
+                     help="a .nemo Conformer: size the positional-encoding table for inputs up to this "
+                          "long (NeMo's table covers pos_emb_max_len frames, often most of an int8 file); "
+                          "longer inputs then fail in the runtime")
     exp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -290,7 +294,8 @@ def _export(parser, args):
 
     try:
         request = plan_export(args.source, args.format, args.out, args.mode, args.overwrite, args.check,
-                              args.task, args.shared, args.clip_activations, args.threads)
+                              args.task, args.shared, args.clip_activations, args.threads,
+                              args.max_audio_seconds)
     except ConfigError as e:
         parser.error(str(e))
     import torch

@@ -222,6 +222,19 @@ def test_nemo_export_writes_qdq_and_ort_matches(tiny):
     fused = OrtRunner(path)(feats, lens)[0]
     assert np.linalg.norm(fused - ref) / np.linalg.norm(ref) <= 0.1
     assert integer_ops(ort_optimized_model(path, str(tmp / "ort.onnx")))
+    # The positional table sized for 1 s clips: same outputs, a fraction of the file, NeMo's table back.
+    table = qmodel.encoder.pos_enc.pe.clone()
+    short = str(tmp / "w8a8_1s.onnx")
+    qmodel.export(short, clip_activations=True, max_audio_seconds=1.0)
+    assert os.path.getsize(short) < 0.5 * os.path.getsize(clipped)
+    assert export_metadata(short)["max_audio_seconds"] == "1.0"
+    assert torch.equal(qmodel.encoder.pos_enc.pe, table)
+    np.testing.assert_array_equal(OrtRunner(short, optimization="basic")(feats, lens)[0], literal)
+    too_long = torch.cat([feats] * 3, dim=2)  # 231 frames > 1 s
+    with pytest.raises(Exception, match="broadcast|shape|dimension"):
+        OrtRunner(short, optimization="basic")(too_long, lens * 3)
+    with pytest.raises(ExportError, match="positive"):
+        qmodel.export(str(tmp / "bad.onnx"), max_audio_seconds=0)
     with pytest.raises(ExportError, match="use_dynamo"):
         qmodel.export(str(tmp / "dynamo.onnx"), use_dynamo=True)
     with pytest.raises(ExportError, match="ONNX only"):

@@ -119,11 +119,34 @@ def agreement(reference, outputs):
     return out
 
 
+def saturating_kernels_note(fmt, path, batches, reference, threads=1):
+    """On a CPU whose fused int8 kernels saturate (no VNNI / AMX, see
+    :func:`~esc_plugin.export.ort.int8_kernels_exact`), the line that says so, and for a
+    QDQ ONNX the agreement of the graph itself (ONNX Runtime running its Q/DQ nodes
+    literally) with the ``reference`` outputs, so a user can tell the file from the
+    kernels. ``(None, None)`` where the kernels are exact or the format is not a CPU one.
+    """
+    from .ort import OrtRunner, int8_kernels_exact
+
+    if fmt not in ("qdq-onnx", "openvino") or int8_kernels_exact():
+        return None, None
+    line = ("This CPU has no VNNI / AMX: the int8 kernels of the runtime saturate here (u8 x s8 pair sums "
+            "in int16), so part of the difference above is this machine's; deploy on a VNNI / AMX CPU "
+            "(or TensorRT) for exact int8 products.")
+    if fmt != "qdq-onnx":
+        return line, None
+    literal_runner = OrtRunner(path, threads=threads, optimization="basic")
+    literal = agreement(reference, [np.asarray(literal_runner(*b)[0]) for b in batches])
+    return (f"{line} The graph itself (ONNX Runtime's literal Q/DQ) agrees to relative L2 "
+            f"{literal['rel_l2']:.3g}, max |diff| {literal['max_abs']:.3g}."), literal
+
+
 def check_artifact(fmt, path, qmodel, batches, task=None, threads=1, progress=True):
     """Run the artifact on ``batches``; compare with ``qmodel``; evaluate ``task``'s metric with it.
 
     Returns ``{"agreement": {...}, "kernels": str, "metric": {...} or None, "metric_error": str}``
-    and prints them.
+    (plus ``literal_agreement`` where the CPU's int8 kernels saturate, see
+    :func:`saturating_kernels_note`) and prints them.
     """
     from tqdm import tqdm
 
@@ -143,6 +166,10 @@ def check_artifact(fmt, path, qmodel, batches, task=None, threads=1, progress=Tr
     if "top1_agreement" in a:
         line += f", top-1 agreement {100 * a['top1_agreement']:.2f} %"
     print(line, flush=True)
+    note, literal = saturating_kernels_note(fmt, path, batches, reference, threads)
+    if note:
+        result["literal_agreement"] = literal
+        print(note, flush=True)
     print(result["kernels"], flush=True)
     if task is not None:
         try:

@@ -51,6 +51,7 @@ class ExportRequest:
     task_kwargs: dict = field(default_factory=dict)
     clip_activations: bool = False
     threads: int = 1
+    max_audio_seconds: float = None  # .nemo only: positional-table length
 
 
 # ---------------------------------------------------------------- task.json
@@ -207,7 +208,7 @@ def _resolve_task_source(source, task, shared):
 
 
 def plan_export(source, fmt="qdq-onnx", out=None, mode="qdq", overwrite=False, check=False, task=None,
-                shared=None, clip_activations=False, threads=1):
+                shared=None, clip_activations=False, threads=1, max_audio_seconds=None):
     """Validate an export (source, format, mode, runtimes, output path) before any work.
 
     Returns an :class:`ExportRequest`; raises :class:`ConfigError` naming the fix.
@@ -220,6 +221,9 @@ def plan_export(source, fmt="qdq-onnx", out=None, mode="qdq", overwrite=False, c
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"--threads {threads!r}: give a positive number of CPU threads.")
+    if max_audio_seconds is not None and not (source.endswith(".nemo") and max_audio_seconds > 0):
+        raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: give a positive number of seconds, "
+                          "for a .nemo source (the Conformer's positional table); other sources have none.")
     if source.endswith(".nemo"):
         if task is not None or shared is not None:
             raise ConfigError("--task / --shared are for esc-quantize run folders; a .nemo holds its model.")
@@ -237,7 +241,8 @@ def plan_export(source, fmt="qdq-onnx", out=None, mode="qdq", overwrite=False, c
         from esc_plugin.cli import task_builder
 
         task_builder(task)  # importable, before any work
-    return ExportRequest(kind, source, fmt, mode, out, state_path, task, kwargs, clip_activations, threads)
+    return ExportRequest(kind, source, fmt, mode, out, state_path, task, kwargs, clip_activations, threads,
+                         max_audio_seconds)
 
 
 def plan_run_export(out_folder, fmt, mode, overwrite, config, task, task_kwargs):

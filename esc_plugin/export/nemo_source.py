@@ -21,17 +21,21 @@ def _logprobs(qmodel, feats, lens):
 
 def export_nemo(request, check=False):
     """Restore the quantized ``.nemo`` of ``request``, write its artifact, optionally check it."""
-    from esc_plugin.nemo import export_quantized_asr_model, restore_quantized_asr_model
+    from esc_plugin.nemo import encoder_positions, export_quantized_asr_model, restore_quantized_asr_model
 
     from .artifacts import kernel_summary, write_onnx_artifact
-    from .check import agreement
+    from .check import agreement, saturating_kernels_note
 
     print(f"Restoring {request.source} (NeMo) ...", flush=True)
     qmodel = restore_quantized_asr_model(request.source).eval()
-    example = tuple(qmodel.input_module.input_example())[:2]
+    seconds = request.max_audio_seconds
+    with encoder_positions(qmodel, seconds) as frames:  # validates before any work; table put back
+        max_dim = 256 if frames is None else min(frames, 256)
+    example = tuple(qmodel.input_module.input_example(max_batch=1, max_dim=max_dim))[:2]
     # NeMo's export example (random features) also probes OpenVINO's fusions: a .nemo holds no audio.
     files, barriers = write_onnx_artifact(request.fmt, request.out, lambda path: export_quantized_asr_model(
-        qmodel, path, mode=request.mode, clip_activations=request.clip_activations), probe_inputs=[example])
+        qmodel, path, mode=request.mode, clip_activations=request.clip_activations,
+        max_audio_seconds=seconds), probe_inputs=[example])
     result = {"files": files, "artifact": request.out}
     if barriers is not None:
         result["fusion_barriers"] = barriers
@@ -46,8 +50,13 @@ def export_nemo(request, check=False):
         print(f"Agreement with the fake-quantized NeMo model on NeMo's export example (random features; "
               f"a .nemo holds no calibration audio): relative L2 {a['rel_l2']:.3g}, max |diff| "
               f"{a['max_abs']:.3g}", flush=True)
+        note, literal = saturating_kernels_note(request.fmt, result["artifact"], [example], [ref], request.threads)
+        if note:
+            print(note, flush=True)
         kernels = kernel_summary(request.fmt, runner)
         print(kernels, flush=True)
         result["check"] = {"agreement": a, "kernels": kernels, "metric": None,
                            "metric_error": "a .nemo holds no evaluation data"}
+        if literal is not None:
+            result["check"]["literal_agreement"] = literal
     return result

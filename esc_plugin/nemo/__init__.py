@@ -36,6 +36,7 @@ _LAZY = {
     "restore_quantized_asr_model": ".save_restore",
     "QuantizedSaveRestoreConnector": ".save_restore",
     "export_quantized_asr_model": ".export",
+    "encoder_positions": ".export",
 }
 
 __all__ = ["ConfigError", "ManifestError", "NemoModelError", "SPEECH_COMMANDS_WORDS", "read_manifest",

@@ -15,7 +15,17 @@ and replaces ``output`` atomically.
 The ONNX inputs are the preprocessor's features (``audio_signal``: batch x
 features x time, ``length``), as for NeMo's FP32 export: the float
 preprocessor is not part of the graph.
+
+A Conformer's positional-encoding table is a float constant of the graph,
+sized by NeMo for ``pos_emb_max_len`` encoder frames (5000 by default, a few
+MB): with int8 weights it can be most of the file. ``max_audio_seconds`` sizes
+it for the longest input the artifact will see (:func:`encoder_positions`,
+also usable around NeMo's own FP32 export); the limit is written into the
+metadata, and a longer input fails in the runtime with a shape error rather
+than giving a transcript.
 """
+import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -26,8 +36,49 @@ from .model import base_export as _base_export
 from .model import is_quantized_asr_model
 
 
+@contextlib.contextmanager
+def encoder_positions(model, max_audio_seconds):
+    """Within the block, ``model.encoder``'s positional-encoding table covers ``max_audio_seconds``.
+
+    The table is NeMo's own (``pos_enc.extend_pe``, deterministic sinusoids, no
+    learned values), rebuilt for the encoder frames of that much audio (the
+    preprocessor's hop, the encoder's ``subsampling_factor``) and put back as
+    it was on leaving. Yields the number of feature frames covered (None when
+    ``max_audio_seconds`` is None, which changes nothing): a traced example
+    must not be longer.
+
+    >>> with encoder_positions(asr, max_audio_seconds=2.0):                  # doctest: +SKIP
+    ...     asr.export("fp32_2s.onnx")
+    """
+    if max_audio_seconds is None:
+        yield None
+        return
+    encoder = getattr(model, "encoder", None)
+    pos_enc = getattr(encoder, "pos_enc", None)
+    if pos_enc is None or not hasattr(pos_enc, "extend_pe") or not hasattr(encoder, "max_audio_length"):
+        raise ExportError(f"max_audio_seconds: {type(encoder).__name__} has no positional-encoding table "
+                          "(encoder.pos_enc, as in NeMo's ConformerEncoder); leave max_audio_seconds=None.")
+    if not max_audio_seconds > 0:
+        raise ExportError(f"max_audio_seconds={max_audio_seconds!r}: give the longest input in seconds, a positive number.")
+    preprocessor = model.cfg.get("preprocessor", {})
+    stride = preprocessor.get("window_stride", None)
+    if not stride:
+        raise ExportError("max_audio_seconds: the model's preprocessor config has no window_stride "
+                          "(seconds per feature frame); leave max_audio_seconds=None.")
+    frames = math.floor(max_audio_seconds / stride) + 1  # centred STFT frames
+    positions = math.ceil(frames / getattr(encoder, "subsampling_factor", 1)) + 1
+    table, length = pos_enc.pe, encoder.max_audio_length
+    try:
+        del pos_enc.pe  # extend_pe only grows a table; without one it builds one of this length
+        pos_enc.extend_pe(positions, table.device, table.dtype)
+        encoder.max_audio_length = positions
+        yield frames
+    finally:
+        pos_enc.pe, encoder.max_audio_length = table, length
+
+
 def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=False, use_dynamo=False,
-                               int8_weights=True, **nemo_export_args):
+                               int8_weights=True, max_audio_seconds=None, **nemo_export_args):
     """Export a quantized NeMo model with NeMo's exporter; returns NeMo's ``(outputs, descriptions)``.
 
     Arguments
@@ -44,6 +95,9 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
         Store the weights as int8 codes (each constant ``W -> QuantizeLinear`` folded into an int8
         initializer, as :func:`esc_plugin.export.export_qdq_onnx` does), so the file is about a
         quarter of the FP32 one; False keeps NeMo's float weights in front of their QuantizeLinear.
+    max_audio_seconds : float, optional
+        Longest input the artifact must take; sizes the positional-encoding table
+        (:func:`encoder_positions`). None keeps NeMo's table (``pos_emb_max_len`` frames).
     **nemo_export_args
         NeMo's ``export`` arguments (``input_example``, ``dynamic_axes``,
         ``onnx_opset_version`` (default 17), ``check_trace``...).
@@ -71,7 +125,12 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
     requires_grad = {name: p.requires_grad for name, p in qmodel.named_parameters()}
     try:
         with atomic_path(output) as tmp:
-            with export_context(qmodel, mode, clip_activations):
+            with export_context(qmodel, mode, clip_activations), \
+                    encoder_positions(qmodel, max_audio_seconds) as frames:
+                if frames is not None and nemo_export_args.get("input_example") is None:
+                    # NeMo's example (256 frames) would index past a shorter table while tracing.
+                    nemo_export_args["input_example"] = qmodel.input_module.input_example(
+                        max_batch=1, max_dim=min(frames, 256))
                 outputs, descriptions = _base_export(qmodel)(tmp, use_dynamo=False, **nemo_export_args)
             graph = onnx.load(tmp)
             n_quantize = op_counts(graph).get("QuantizeLinear", 0)
@@ -83,6 +142,8 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits, "act_bits": plan.config.act_bits,
                     "method": plan.config.method, "clip_activations": bool(clip_activations),
                     "exporter": "nemo", "int8_weights": bool(folded)}
+            if frames is not None:
+                meta.update(max_audio_seconds=max_audio_seconds, max_feature_frames=frames)
             for key, value in meta.items():
                 entry = graph.metadata_props.add()
                 entry.key, entry.value = METADATA_PREFIX + key, str(value)

@@ -41,11 +41,12 @@ class QuantizedASRModel:
     def export(self, output, input_example=None, verbose=False, do_constant_folding=True,
                onnx_opset_version=None, check_trace=False, dynamic_axes=None, check_tolerance=0.01,
                export_modules_as_functions=False, keep_initializers_as_inputs=None, use_dynamo=False,
-               mode="qdq", clip_activations=False):
+               mode="qdq", clip_activations=False, max_audio_seconds=None):
         """NeMo's ``export`` with the quantizers written as QuantizeLinear / DequantizeLinear.
 
         Same arguments as NeMo's ``Exportable.export`` plus ``mode`` / ``clip_activations``
-        of :func:`esc_plugin.export.export_qdq_onnx`. See :mod:`esc_plugin.nemo.export`.
+        of :func:`esc_plugin.export.export_qdq_onnx` and ``max_audio_seconds`` (the
+        positional table's length). See :mod:`esc_plugin.nemo.export`.
         """
         from .export import export_quantized_asr_model  # call time: export imports this module
         return export_quantized_asr_model(
@@ -54,7 +55,7 @@ class QuantizedASRModel:
             check_trace=check_trace, dynamic_axes=dynamic_axes, check_tolerance=check_tolerance,
             export_modules_as_functions=export_modules_as_functions,
             keep_initializers_as_inputs=keep_initializers_as_inputs, use_dynamo=use_dynamo,
-            mode=mode, clip_activations=clip_activations)
+            mode=mode, clip_activations=clip_activations, max_audio_seconds=max_audio_seconds)
 
 
 def quantized_class(cls):
