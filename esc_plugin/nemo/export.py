@@ -47,8 +47,8 @@ def encoder_positions(model, max_audio_seconds):
     ``max_audio_seconds`` is None, which changes nothing): a traced example
     must not be longer.
 
-    >>> with encoder_positions(asr, max_audio_seconds=2.0):                  # doctest: +SKIP
-    ...     asr.export("fp32_2s.onnx")
+    >>> with encoder_positions(asr, max_audio_seconds=2.0) as frames:        # doctest: +SKIP
+    ...     asr.export("fp32_2s.onnx", input_example=asr.input_module.input_example(max_dim=frames))
     """
     if max_audio_seconds is None:
         yield None
