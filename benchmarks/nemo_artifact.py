@@ -76,6 +76,7 @@ def main(argv=None):
     from esc_plugin.export import OrtRunner
     from esc_plugin.export.openvino import OpenVinoRunner, int8_compute_ops
     from esc_plugin.export.openvino_barriers import find_fusion_barriers
+    from esc_plugin.nemo.export import export_example
     from esc_plugin.nemo import (ASRFeatureCache, encoder_positions, export_quantized_asr_model,
                                  quantization_config, quantize_asr_model, read_manifest)
 
@@ -95,7 +96,7 @@ def main(argv=None):
     fp32.export(str(out / "fp32_nemo_table.onnx"))
     export_quantized_asr_model(qmodel, str(out / "int8_nemo_table.onnx"))
     with encoder_positions(fp32, seconds) as frames:  # NeMo's 256-frame example would not fit the table
-        fp32.export(str(out / "fp32.onnx"), input_example=fp32.input_module.input_example(max_dim=frames))
+        fp32.export(str(out / "fp32.onnx"), input_example=export_example(fp32, frames))
     export_quantized_asr_model(qmodel, str(out / "int8.onnx"), max_audio_seconds=seconds)
     calib = [(f.numpy(), n.numpy()) for f, n, _, _ in qmodel.esc_features.batches[:2]]
     barriers = find_fusion_barriers(str(out / "int8.onnx"), calib)

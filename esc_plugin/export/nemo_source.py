@@ -21,7 +21,8 @@ def _logprobs(qmodel, feats, lens):
 
 def export_nemo(request, check=False):
     """Restore the quantized ``.nemo`` of ``request``, write its artifact, optionally check it."""
-    from esc_plugin.nemo import encoder_positions, export_quantized_asr_model, restore_quantized_asr_model
+    from esc_plugin.nemo import export_quantized_asr_model, restore_quantized_asr_model
+    from esc_plugin.nemo.export import export_example, feature_frames
 
     from .artifacts import kernel_summary, write_onnx_artifact
     from .check import agreement, saturating_kernels_note
@@ -29,9 +30,7 @@ def export_nemo(request, check=False):
     print(f"Restoring {request.source} (NeMo) ...", flush=True)
     qmodel = restore_quantized_asr_model(request.source).eval()
     seconds = request.max_audio_seconds
-    with encoder_positions(qmodel, seconds) as frames:  # validates before any work; table put back
-        max_dim = 256 if frames is None else min(frames, 256)
-    example = tuple(qmodel.input_module.input_example(max_batch=1, max_dim=max_dim))[:2]
+    example = tuple(export_example(qmodel, feature_frames(qmodel, seconds)))[:2]
     # NeMo's export example (random features) also probes OpenVINO's fusions: a .nemo holds no audio.
     files, barriers = write_onnx_artifact(request.fmt, request.out, lambda path: export_quantized_asr_model(
         qmodel, path, mode=request.mode, clip_activations=request.clip_activations,

@@ -36,6 +36,35 @@ from .model import base_export as _base_export
 from .model import is_quantized_asr_model
 
 
+def feature_frames(model, max_audio_seconds):
+    """Feature frames of ``max_audio_seconds`` of audio for ``model``'s preprocessor (None for None).
+
+    Checks first that the encoder has a positional-encoding table to size; an
+    :class:`ExportError` naming the fix otherwise.
+    """
+    if max_audio_seconds is None:
+        return None
+    encoder = getattr(model, "encoder", None)
+    pos_enc = getattr(encoder, "pos_enc", None)
+    if pos_enc is None or not hasattr(pos_enc, "extend_pe") or not hasattr(encoder, "max_audio_length"):
+        raise ExportError(f"max_audio_seconds: {type(encoder).__name__} has no positional-encoding table "
+                          "(encoder.pos_enc, as in NeMo's ConformerEncoder); leave max_audio_seconds=None.")
+    if not max_audio_seconds > 0:
+        raise ExportError(f"max_audio_seconds={max_audio_seconds!r}: give the longest input in seconds, "
+                          "a positive number.")
+    stride = model.cfg.get("preprocessor", {}).get("window_stride", None)
+    if not stride:
+        raise ExportError("max_audio_seconds: the model's preprocessor config has no window_stride "
+                          "(seconds per feature frame); leave max_audio_seconds=None.")
+    return math.floor(max_audio_seconds / stride) + 1  # centred STFT frames
+
+
+def export_example(model, frames):
+    """NeMo's ``input_example()``, no longer than ``frames`` feature frames (NeMo's 256 when None):
+    a longer traced example would index past a shorter positional table."""
+    return model.input_module.input_example(max_batch=1, max_dim=256 if frames is None else min(frames, 256))
+
+
 @contextlib.contextmanager
 def encoder_positions(model, max_audio_seconds):
     """Within the block, ``model.encoder``'s positional-encoding table covers ``max_audio_seconds``.
@@ -43,29 +72,18 @@ def encoder_positions(model, max_audio_seconds):
     The table is NeMo's own (``pos_enc.extend_pe``, deterministic sinusoids, no
     learned values), rebuilt for the encoder frames of that much audio (the
     preprocessor's hop, the encoder's ``subsampling_factor``) and put back as
-    it was on leaving. Yields the number of feature frames covered (None when
+    it was on leaving. Yields :func:`feature_frames` (None when
     ``max_audio_seconds`` is None, which changes nothing): a traced example
-    must not be longer.
+    must not be longer (:func:`export_example`).
 
     >>> with encoder_positions(asr, max_audio_seconds=2.0) as frames:        # doctest: +SKIP
-    ...     asr.export("fp32_2s.onnx", input_example=asr.input_module.input_example(max_dim=frames))
+    ...     asr.export("fp32_2s.onnx", input_example=export_example(asr, frames))
     """
-    if max_audio_seconds is None:
+    frames = feature_frames(model, max_audio_seconds)
+    if frames is None:
         yield None
         return
-    encoder = getattr(model, "encoder", None)
-    pos_enc = getattr(encoder, "pos_enc", None)
-    if pos_enc is None or not hasattr(pos_enc, "extend_pe") or not hasattr(encoder, "max_audio_length"):
-        raise ExportError(f"max_audio_seconds: {type(encoder).__name__} has no positional-encoding table "
-                          "(encoder.pos_enc, as in NeMo's ConformerEncoder); leave max_audio_seconds=None.")
-    if not max_audio_seconds > 0:
-        raise ExportError(f"max_audio_seconds={max_audio_seconds!r}: give the longest input in seconds, a positive number.")
-    preprocessor = model.cfg.get("preprocessor", {})
-    stride = preprocessor.get("window_stride", None)
-    if not stride:
-        raise ExportError("max_audio_seconds: the model's preprocessor config has no window_stride "
-                          "(seconds per feature frame); leave max_audio_seconds=None.")
-    frames = math.floor(max_audio_seconds / stride) + 1  # centred STFT frames
+    encoder, pos_enc = model.encoder, model.encoder.pos_enc
     positions = math.ceil(frames / getattr(encoder, "subsampling_factor", 1)) + 1
     table, length = pos_enc.pe, encoder.max_audio_length
     try:
@@ -128,9 +146,7 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
             with export_context(qmodel, mode, clip_activations), \
                     encoder_positions(qmodel, max_audio_seconds) as frames:
                 if frames is not None and nemo_export_args.get("input_example") is None:
-                    # NeMo's example (256 frames) would index past a shorter table while tracing.
-                    nemo_export_args["input_example"] = qmodel.input_module.input_example(
-                        max_batch=1, max_dim=min(frames, 256))
+                    nemo_export_args["input_example"] = export_example(qmodel, frames)
                 outputs, descriptions = _base_export(qmodel)(tmp, use_dynamo=False, **nemo_export_args)
             graph = onnx.load(tmp)
             n_quantize = op_counts(graph).get("QuantizeLinear", 0)
