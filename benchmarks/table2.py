@@ -8,7 +8,12 @@ base plus each pass of ``--passes`` alone, then each ``--combos`` entry
 before-calibration passes, then the after-calibration ones, each stage by its
 ``order``). The default ``--passes`` is every registered pass except
 ``fallback``, which leaves ops in float (accuracy control, not a
-quantization method of Table 2).
+quantization method of Table 2). ``--set KEY=VALUE`` applies a
+:class:`QuantConfig` option to every row of the run (e.g.
+``bias_correction_error=weight``); those rows are named with it
+(``esc+bias_correction[bias_correction_error=weight]``), so they sit beside
+the rows of the defaults and are compared with the base row of the same
+settings.
 
 Columns: the test metric, its difference to the base alone at the same bits
 with an explicit *worse than <base> alone* flag, the calibration objective,
@@ -61,7 +66,33 @@ def canonical(passes):
     return tuple(s.name for s in sorted(specs, key=lambda s: (STAGES.index(s.stage), s.order)))
 
 
-def table_rows(base, passes, combos):
+def parse_settings(items):
+    """``["key=value", ...]`` as a dict, each value read as YAML (numbers, booleans, strings).
+
+    >>> parse_settings(["bias_correction_error=weight", "smoothquant_alpha=0.8"])
+    {'bias_correction_error': 'weight', 'smoothquant_alpha': 0.8}
+    """
+    import yaml
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set bias_correction_error=weight.")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def settings_tag(settings):
+    """The suffix naming the rows run with ``settings`` ('' for none).
+
+    >>> settings_tag({"bias_correction_error": "weight"})
+    '[bias_correction_error=weight]'
+    """
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(settings.items())) + "]" if settings else ""
+
+
+def table_rows(base, passes, combos, tag=""):
     """``[(row name, passes)]``: the base alone, each pass alone, then each combo; bad names refused.
 
     >>> [name for name, _ in table_rows("esc", ["bias_correction"], ["bias_correction+smoothquant"])]
@@ -69,7 +100,7 @@ def table_rows(base, passes, combos):
     """
     valid = transform_names()
     groups = [(p,) for p in passes] + [tuple(c.split("+")) for c in combos]
-    rows = [(base, ())]
+    rows = [(base + tag, ())]
     for group in groups:
         bad = [n for n in group if n not in valid]
         if bad:
@@ -78,7 +109,7 @@ def table_rows(base, passes, combos):
         if len(set(group)) != len(group):
             raise ConfigError(f"--combos {'+'.join(group)} names a pass twice: list each pass once.")
         group = canonical(group)
-        name = "+".join((base,) + group)
+        name = "+".join((base,) + group) + tag
         if name not in [r[0] for r in rows]:
             rows.append((name, group))
     return rows
@@ -92,10 +123,12 @@ def row_config(base, bits, passes, overrides):
 
 
 def compare(rows, base, higher_is_better):
-    """Set each row's ``delta`` (metric − the base row's at the same bits) and ``worse`` flag."""
-    ref = {r["config"]: r["metric"] for r in rows if r["row"] == base and r["metric"] is not None}
+    """Set each row's ``delta`` (metric − the base row's at the same bits and ``--set`` settings) and
+    ``worse`` flag."""
+    ref = {(r["config"], r.get("tag", "")): r["metric"] for r in rows
+           if r["row"] == base + r.get("tag", "") and r["metric"] is not None}
     for r in rows:
-        b = ref.get(r["config"])
+        b = ref.get((r["config"], r.get("tag", "")))
         ok = r["metric"] is not None and b is not None and r["row"] != "FP32"
         r["delta"] = r["metric"] - b if ok else None
         r["worse"] = bool(ok and (r["delta"] < 0 if higher_is_better else r["delta"] > 0))
@@ -237,7 +270,8 @@ def _row_order(row):
     same order whichever runs produced the rows."""
     bits = 99 if row["config"] == "FP32" else int(row["config"][1:row["config"].index("A")])
     names = transform_names()
-    return -bits, len(row["passes"]) > 1, [names.index(p) if p in names else len(names) for p in row["passes"]]
+    return (-bits, len(row["passes"]) > 1, [names.index(p) if p in names else len(names) for p in row["passes"]],
+            row.get("tag", ""))
 
 
 def main(argv=None):
@@ -251,6 +285,8 @@ def main(argv=None):
     p.add_argument("--passes", nargs="+", default=None, help="passes run alone (default: every registered pass "
                                                               f"except {', '.join(NOT_TABLE2)})")
     p.add_argument("--combos", nargs="+", default=[], help="pass combinations, e.g. smoothquant+bias_correction")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="QuantConfig options for every row, e.g. bias_correction_error=weight (rows named with them)")
     p.add_argument("--objective", choices=("task", "distill"), default="task",
                    help="task: the task's / recipe's calibration metric (default); distill: label-free")
     p.add_argument("--budget", type=int, help="override the preset's budget (default: the preset's)")
@@ -266,7 +302,10 @@ def main(argv=None):
     prov = provenance(["benchmarks/table2.py", *argv])
     overrides = {k: v for k, v in (("budget", args.budget), ("seed", args.seed)) if v is not None}
     try:  # every name and every row's config, before any work
-        specs = table_rows(args.base, default_passes() if args.passes is None else args.passes, args.combos)
+        settings = parse_settings(args.settings)
+        overrides.update(settings)
+        tag = settings_tag(settings)
+        specs = table_rows(args.base, default_passes() if args.passes is None else args.passes, args.combos, tag)
         for bits in args.bits:
             for _, passes in specs:
                 row_config(args.base, bits, passes, overrides)
@@ -283,7 +322,7 @@ def main(argv=None):
                 row = run(name, passes, bits)
             except Exception as e:  # noqa: BLE001 -- a pass that cannot run is a row, not the end of the table
                 row = failed_row(f"W{bits}A{bits}", name, passes, e, prov)
-            row["provenance"], row["wall_seconds"] = prov, time.perf_counter() - t
+            row["provenance"], row["wall_seconds"], row["tag"] = prov, time.perf_counter() - t, tag
             rows = merge(rows, row)
             if fp32:
                 rows = merge(rows, dict(fp32, provenance=prov))

@@ -416,6 +416,32 @@ def test_bias_correction_reduces_the_output_shift_and_reloads(kws, tmp_path):
         assert torch.equal(again(data[0]), bc(data[0]))
 
 
+def test_weight_only_bias_correction_folds_the_weight_error_on_the_quantized_input(kws, tmp_path):
+    model, data, loop, objective = kws
+    plain = esc.quantize(model, esc.QuantConfig(bits=4, method="max"), loop, progress=False)
+    inputs = []
+    handle = plain.out.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        loop(plain)
+    handle.remove()
+    with torch.no_grad():  # (W - W_q) · mean Q(x): the weight's share of the shift, nothing of the input's
+        q_in = torch.cat([plain.out.input_quantizer(x).reshape(-1, x.shape[-1]) for x in inputs])
+        w = plain.out.weight
+        expected = (w - plain.out.weight_quantizer(w)) @ q_in.mean(0)
+    cfg = esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",), bias_correction_error="weight")
+    bc = esc.quantize(model, cfg, loop, progress=False)
+    assert torch.allclose(bc.out.bias - plain.out.bias, expected, atol=1e-5)
+    whole = esc.quantize(model, esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",)), loop,
+                         progress=False)
+    assert not torch.allclose(whole.out.bias, bc.out.bias, atol=1e-5)  # "output" also folds the input's share
+    assert any("corrected the weight error" in n for n in bc.esc_report.notes)
+    again = esc.load(model, esc.save(bc, tmp_path / "bcw.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(data[0]), bc(data[0]))
+    with pytest.raises(ConfigError, match="bias_correction_error='input': use one of 'output', 'weight'"):
+        esc.QuantConfig(ptq=("bias_correction",), bias_correction_error="input")
+
+
 def test_fallback_leaves_the_most_sensitive_ops_in_float(kws, tmp_path):
     model, data, loop, objective = kws
     q = esc.quantize(model, esc.QuantConfig(bits=4, method="max", fallback_layers=2), loop, objective,

@@ -101,6 +101,26 @@ def test_rows_base_then_passes_not_applicable_and_delta(tmp_path, toy):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # FP32 model untouched
 
 
+def test_set_rows_are_named_with_their_settings_and_compared_to_their_own_base(tmp_path, toy):
+    table2 = _table2()
+    out = tmp_path / "out"
+    common = ["--task", "toy_table2_task:build", "--out", str(out), "--bits", "8", "--budget", "6"]
+    with pytest.raises(SystemExit) as e:  # an unknown option, before any work
+        table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_eror=weight"])
+    assert "did you mean 'bias_correction_error'" in str(e.value) and toy.BUILT == [] and not out.exists()
+    with pytest.raises(SystemExit, match="bias_correction_error='input': use one of"):
+        table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_error=input"])
+    assert table2.main(common + ["--passes", "bias_correction"]) == 0
+    assert table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_error=weight"]) == 0
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    tag = "[bias_correction_error=weight]"
+    assert list(rows) == ["FP32", "esc", "esc" + tag, "esc+bias_correction", "esc+bias_correction" + tag]
+    weight, base = rows["esc+bias_correction" + tag], rows["esc" + tag]
+    assert weight["delta"] == pytest.approx(weight["metric"] - base["metric"])
+    assert any("corrected the weight error" in n for n in weight["notes"])
+    assert any("corrected the output error" in n for n in rows["esc+bias_correction"]["notes"])
+
+
 def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
     table2 = _table2()
 

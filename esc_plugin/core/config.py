@@ -138,6 +138,11 @@ class QuantConfig:
         Migration strength α of the ``smoothquant`` pass, in (0, 1]
         (0.5 as in the SmoothQuant paper), or ``"auto"``: α per site, chosen
         on that site's quantized output error.
+    bias_correction_error : str
+        What the ``bias_correction`` pass corrects: ``"output"`` (default,
+        the whole output shift of each quantized layer) or ``"weight"`` (the
+        weight quantization error's share only; see
+        :mod:`esc_plugin.core.transforms.bias_correction`).
     nan_policy : str
         ``"error"`` (default): a NaN or inf in a calibration activation stops
         the run with the layer and batch named; ``"ignore"``: non-finite
@@ -189,6 +194,7 @@ class QuantConfig:
     fallback_layers: int = 0
     max_drop: Optional[float] = None
     smoothquant_alpha: Union[float, str] = 0.5
+    bias_correction_error: str = "output"
     nan_policy: str = "error"
     executor: str = "serial"
     workers: int = 1
@@ -214,6 +220,7 @@ class QuantConfig:
         _choice("search_space", self.search_space, ("log", "range"))
         _choice("init", self.init, ("output_mse", "best"))
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("bias_correction_error", self.bias_correction_error, ("output", "weight"))
         _choice("distill", self.distill, ("auto", "kl", "mse"))
         if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, numbers.Real) \
                 or self.distill_weight < 0:

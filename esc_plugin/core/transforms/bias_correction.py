@@ -8,6 +8,16 @@ Linear / Conv site and on the input that site actually receives, the mean of
 as zeros where the layer had none). Each layer's own shift is measured on
 the same input, so the corrections do not compound.
 
+``QuantConfig(bias_correction_error=...)`` says which error is corrected:
+
+- ``"output"`` (default): the whole shift, ``l_fp32(x) - l_q(x)``, from the
+  weight *and* the input quantizer (AIMET's empirical bias correction). At
+  4-bit activations this includes the clipping of the input, whose mean the
+  search may already have traded against its spread.
+- ``"weight"``: the weight's share only, ``(W - W_q) · Q(x)`` on the input as
+  quantized (Nagel et al.'s data-free bias correction, measured on data
+  instead of BatchNorm statistics).
+
 Covered: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` sites whose class keeps
 the torch ``forward`` (subclasses that pad in their own ``forward`` are left
 as they are). One calibration pass.
@@ -32,12 +42,13 @@ def _correctable(point):
 class _Shift:
     """Running sum of ``l_fp32(x) - l_q(x)`` per output channel of one site."""
 
-    def __init__(self, point):
-        self.point, self.sum, self.count = point, None, 0
+    def __init__(self, point, error):
+        self.point, self.error, self.sum, self.count = point, error, None, 0
 
     def __call__(self, module, args, output):
         p = self.point
-        x = p.input_quantizer.apply_pre_scale(args[0])
+        # "weight": the float weight on the input as quantized, so the difference is (W - W_q) Q(x)
+        x = p.input_quantizer(args[0]) if self.error == "weight" else p.input_quantizer.apply_pre_scale(args[0])
         with torch.no_grad():
             diff = (p.output(x, False) - output).float()
         axis = diff.dim() - 1 if p.op == "linear" else 1
@@ -51,11 +62,12 @@ class _Shift:
                     summary="fold each layer's expected quantization output shift into its bias")
 class BiasCorrection:
     def __init__(self, config):
+        self.error = config.bias_correction_error
         self.corrections = {}
 
     def apply(self, ctx):
         points = [p for p in ctx.plan.points if _correctable(p)]
-        shifts = [_Shift(p) for p in points]
+        shifts = [_Shift(p, self.error) for p in points]
         handles = [p.module.register_forward_hook(s) for p, s in zip(points, shifts)]
         try:
             with torch.no_grad():
@@ -69,7 +81,7 @@ class BiasCorrection:
         for p in points:
             if p.name in self.corrections:
                 _add_to_bias(p.module, self.corrections[p.name])
-        ctx.report.notes.append(f"bias_correction: corrected {len(self.corrections)} of "
+        ctx.report.notes.append(f"bias_correction: corrected the {self.error} error of {len(self.corrections)} of "
                                 f"{len(ctx.plan.points)} sites")
 
     def state_dict(self):
