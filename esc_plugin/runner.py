@@ -26,13 +26,18 @@ from esc_plugin.core.registry import calibrator_names
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+RESULTS_DIR = "benchmarks/results"
+
+
 def provenance(command=None):
     """``{"commit", "dirty", "command"}`` for a results file.
 
     ``commit`` is ``git rev-parse HEAD`` of the checkout holding esc_plugin
     (None outside a git checkout), ``dirty`` whether tracked files differ from
     it (None when unknown), ``command`` the argument list (default
-    ``sys.argv``).
+    ``sys.argv``). Files under ``benchmarks/results/`` do not count: they are
+    what the benchmarks write, so a table filled by several commands in turn
+    stays clean while the code under it is.
     """
     def git(*args):
         try:
@@ -42,7 +47,8 @@ def provenance(command=None):
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 f":(exclude){RESULTS_DIR}") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status),
             "command": list(sys.argv if command is None else command)}
 

@@ -136,3 +136,26 @@ def test_choices_come_from_the_presets():
     for name in preset_names():
         assert name in text
     assert "esc_initbest" in preset_names()
+
+
+def test_provenance_is_dirty_for_code_changes_not_for_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from esc_plugin import runner
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("| row |\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(runner, "_REPO", str(tmp_path))
+    assert runner.provenance(["x"])["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("| row |\n| 1 |\n")
+    assert runner.provenance(["x"])["dirty"] is False  # a table being filled is not a code change
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert runner.provenance(["x"])["dirty"] is True
