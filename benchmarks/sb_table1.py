@@ -81,14 +81,29 @@ def recipe_options(name):
     return options.pop("method"), {**options, **stage}
 
 
+# characters that end or change a plain scalar in a YAML flow mapping
+YAML_SPECIAL = "[]{},:#&*!|>'\"%@`"
+
+
 def quantization_block(options):
     """The ``--quantization={...}`` value of ``options``, lists (e.g. ``ptq``) in YAML flow style.
 
+    Strings YAML would read otherwise (a path with brackets, a colon, a
+    comma) are written quoted.
+
     >>> quantization_block({"bits": 4, "ptq": ("adaround", "bias_correction")})
     '{bits: 4, ptq: [adaround, bias_correction]}'
+    >>> quantization_block({"output_folder": "/tmp/q/esc[a=b]", "method": "esc"})
+    '{output_folder: "/tmp/q/esc[a=b]", method: esc}'
     """
+    def scalar(v):
+        text = str(v)
+        plain = isinstance(v, (bool, int, float)) or (text and not set(text) & set(YAML_SPECIAL)
+                                                       and text == text.strip())
+        return text if plain else json.dumps(text)
+
     def value(v):
-        return "[" + ", ".join(str(x) for x in v) + "]" if isinstance(v, (list, tuple)) else str(v)
+        return "[" + ", ".join(scalar(x) for x in v) + "]" if isinstance(v, (list, tuple)) else scalar(v)
 
     return "{" + ", ".join(f"{k}: {value(v)}" for k, v in options.items()) + "}"
 

@@ -227,15 +227,16 @@ def recipe_backend(args, overrides, extra):
     def run(name, passes, bits):
         quantize, options = recipe_options(args.base)
         config = row_config(args.base, bits, passes, overrides)  # checks the combination before the run
-        folder = os.path.join(run_dir, "quantized", f"{name.replace('+', '-')}_w{bits}a{bits}")
+        folder = os.path.join(run_dir, "quantized", f"{folder_name(name)}_w{bits}a{bits}")
         block = {"bits": bits, **options, **overrides, "ptq": list(config.ptq), "output_folder": folder,
                  **({"objective": "distill"} if args.objective == "distill" else {})}
+        start = os.path.getsize(log) if os.path.exists(log) else 0  # this run's part of the shared log
         try:
             recipe_seconds = run_recipe(train_py, hparams, extra + [f"--output_folder={run_dir}",
                                         f"--quantize={quantize}", f"--quantization={quantization_block(block)}"],
                                         log)
         except SystemExit as e:  # the recipe's own error, from the end of its log
-            raise _recipe_error(log) or RuntimeError(str(e))
+            raise _recipe_error(log, start) or RuntimeError(str(e))
         with open(os.path.join(folder, "metrics.json")) as f:
             m = json.load(f)
         with open(os.path.join(folder, "report.json")) as f:
@@ -254,9 +255,20 @@ def recipe_backend(args, overrides, extra):
     return meta, fp32, run
 
 
-def _recipe_error(log):
-    """The last ``ConfigError`` / ``CalibrationError`` line of the recipe log, as that error."""
+def folder_name(row):
+    """A row's output folder name: ``+`` and the ``--set`` tag's brackets spelled as path-safe characters.
+
+    >>> folder_name("esc+bias_correction[bias_correction_error=weight]")
+    'esc-bias_correction-bias_correction_error-weight'
+    """
+    return row.replace("+", "-").replace("[", "-").replace("]", "").replace("=", "-").replace(",", "-")
+
+
+def _recipe_error(log, start=0):
+    """The last ``ConfigError`` / ``CalibrationError`` line the recipe wrote to ``log`` after byte
+    ``start`` (its own run, not an earlier row's), as that error."""
     with open(log, errors="replace") as f:
+        f.seek(start)
         tail = f.readlines()[-200:]
     for line in reversed(tail):
         for cls in NOT_APPLICABLE:

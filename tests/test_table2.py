@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esc_plugin.core.errors import CalibrationError
 from esc_plugin.core.registry import transform_names
 
 # A task module of Linear layers only: bias_correction applies, hyq (convolution inputs) cannot.
@@ -136,3 +137,17 @@ def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
     assert up["FP32FP32"]["delta"] is None
     down = {r["row"]: r for r in table2.compare(rows()[:3], "esc", higher_is_better=False)}
     assert not down["esc+a"]["worse"] and down["esc+b"]["worse"]
+
+
+def test_a_recipe_error_is_read_from_its_own_run_not_an_earlier_row(tmp_path):
+    table2 = _table2()
+    log = tmp_path / "recipe.log"
+    log.write_text("$ row 1\nesc_plugin.core.errors.ConfigError: ptq=('a',): the earlier row's reason\n")
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("$ row 2\nruamel.yaml.parser.ParserError: while parsing a flow mapping\n")
+    assert table2._recipe_error(str(log), start) is None  # not the earlier row's ConfigError
+    with open(log, "a") as f:
+        f.write("esc_plugin.core.errors.CalibrationError: this row's reason\n")
+    error = table2._recipe_error(str(log), start)
+    assert isinstance(error, CalibrationError) and str(error) == "this row's reason"
