@@ -294,8 +294,9 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
     p.add_argument("--base", default="esc", help="preset the passes are added to (default: esc)")
-    p.add_argument("--passes", nargs="+", default=None, help="passes run alone (default: every registered pass "
-                                                              f"except {', '.join(NOT_TABLE2)})")
+    p.add_argument("--passes", nargs="*", default=None, help="passes run alone (default: every registered pass "
+                                                              f"except {', '.join(NOT_TABLE2)}; "
+                                                              "--passes with no name: none, only --combos)")
     p.add_argument("--combos", nargs="+", default=[], help="pass combinations, e.g. smoothquant+bias_correction")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                    help="QuantConfig options for every row, e.g. bias_correction_error=weight (rows named with them)")
