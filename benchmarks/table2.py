@@ -39,6 +39,7 @@ stage's ``metrics.json`` and ``report.json``::
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -261,7 +262,7 @@ def folder_name(row):
     >>> folder_name("esc+bias_correction[bias_correction_error=weight]")
     'esc-bias_correction-bias_correction_error-weight'
     """
-    return row.replace("+", "-").replace("[", "-").replace("]", "").replace("=", "-").replace(",", "-")
+    return re.sub(r"[+\[=,]", "-", row).replace("]", "")
 
 
 def _recipe_error(log, start=0):

@@ -40,7 +40,8 @@ def _correctable(point):
 
 
 class _Shift:
-    """Running sum of ``l_fp32(x) - l_q(x)`` per output channel of one site."""
+    """Running sum, per output channel of one site, of the shift it corrects: ``l_fp32(x) - l_q(x)``
+    (``"output"``) or ``(W - W_q) · Q(x)`` (``"weight"``)."""
 
     def __init__(self, point, error):
         self.point, self.error, self.sum, self.count = point, error, None, 0
