@@ -431,8 +431,9 @@ def test_weight_only_bias_correction_folds_the_weight_error_on_the_quantized_inp
     cfg = esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",), bias_correction_error="weight")
     bc = esc.quantize(model, cfg, loop, progress=False)
     assert torch.allclose(bc.out.bias - plain.out.bias, expected, atol=1e-5)
-    whole = esc.quantize(model, esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",)), loop,
-                         progress=False)
+    assert esc.QuantConfig().bias_correction_error == "weight"  # the default, from the Table 2 rows
+    whole = esc.quantize(model, esc.QuantConfig(bits=4, method="max", ptq=("bias_correction",),
+                                                bias_correction_error="output"), loop, progress=False)
     assert not torch.allclose(whole.out.bias, bc.out.bias, atol=1e-5)  # "output" also folds the input's share
     assert any("corrected the weight error" in n for n in bc.esc_report.notes)
     again = esc.load(model, esc.save(bc, tmp_path / "bcw.pt"))

@@ -139,9 +139,10 @@ class QuantConfig:
         (0.5 as in the SmoothQuant paper), or ``"auto"``: α per site, chosen
         on that site's quantized output error.
     bias_correction_error : str
-        What the ``bias_correction`` pass corrects: ``"output"`` (default,
-        the whole output shift of each quantized layer) or ``"weight"`` (the
-        weight quantization error's share only; see
+        What the ``bias_correction`` pass corrects: ``"weight"`` (default:
+        the weight quantization error's share only) or ``"output"`` (the
+        whole output shift of each quantized layer, input quantizer
+        included; see
         :mod:`esc_plugin.core.transforms.bias_correction`).
     nan_policy : str
         ``"error"`` (default): a NaN or inf in a calibration activation stops
@@ -194,7 +195,7 @@ class QuantConfig:
     fallback_layers: int = 0
     max_drop: Optional[float] = None
     smoothquant_alpha: Union[float, str] = 0.5
-    bias_correction_error: str = "output"
+    bias_correction_error: str = "weight"
     nan_policy: str = "error"
     executor: str = "serial"
     workers: int = 1

@@ -10,13 +10,15 @@ the same input, so the corrections do not compound.
 
 ``QuantConfig(bias_correction_error=...)`` says which error is corrected:
 
-- ``"output"`` (default): the whole shift, ``l_fp32(x) - l_q(x)``, from the
-  weight *and* the input quantizer (AIMET's empirical bias correction). At
-  4-bit activations this includes the clipping of the input, whose mean the
-  search may already have traded against its spread.
-- ``"weight"``: the weight's share only, ``(W - W_q) · Q(x)`` on the input as
-  quantized (Nagel et al.'s data-free bias correction, measured on data
-  instead of BatchNorm statistics).
+- ``"weight"`` (default): the weight's share only, ``(W - W_q) · Q(x)`` on
+  the input as quantized (Nagel et al.'s data-free bias correction, measured
+  on data instead of BatchNorm statistics).
+- ``"output"``: the whole shift, ``l_fp32(x) - l_q(x)``, from the weight
+  *and* the input quantizer (AIMET's empirical bias correction). At 4-bit
+  activations this includes the clipping of the input, whose mean the search
+  may already have traded against its spread, so folding it moves every
+  output, clipped or not (why it is not the default: see the README's
+  Table 2 rows).
 
 Covered: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` sites whose class keeps
 the torch ``forward`` (subclasses that pad in their own ``forward`` are left
