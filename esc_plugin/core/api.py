@@ -96,8 +96,7 @@ def load(model, path):
         raise ConfigError(f"{path} is not an esc_plugin quantization file (written by esc.save); "
                           f"its format is {fmt!r}, readable are {', '.join(READABLE_FORMATS)}.")
     check_not_quantized(model)
-    # files written before the option existed corrected the whole output shift
-    config = QuantConfig.from_dict({"bias_correction_error": "output", **state["config"]})
+    config = QuantConfig.from_dict(state["config"])
     v1 = fmt == READABLE_FORMATS[0]
     digest = None if v1 else state_digest(model)
     if not v1 and state.get("fp32_digest") and digest != state["fp32_digest"]:
