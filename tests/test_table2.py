@@ -112,14 +112,14 @@ def test_set_rows_are_named_with_their_settings_and_compared_to_their_own_base(t
     with pytest.raises(SystemExit, match="bias_correction_error='input': use one of"):
         table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_error=input"])
     assert table2.main(common + ["--passes", "bias_correction"]) == 0
-    assert table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_error=weight"]) == 0
+    assert table2.main(common + ["--passes", "bias_correction", "--set", "bias_correction_error=output"]) == 0
     rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    tag = "[bias_correction_error=weight]"
+    tag = "[bias_correction_error=output]"
     assert list(rows) == ["FP32", "esc", "esc" + tag, "esc+bias_correction", "esc+bias_correction" + tag]
-    weight, base = rows["esc+bias_correction" + tag], rows["esc" + tag]
-    assert weight["delta"] == pytest.approx(weight["metric"] - base["metric"])
-    assert any("corrected the weight error" in n for n in weight["notes"])
-    assert any("corrected the output error" in n for n in rows["esc+bias_correction"]["notes"])
+    whole, base = rows["esc+bias_correction" + tag], rows["esc" + tag]
+    assert whole["delta"] == pytest.approx(whole["metric"] - base["metric"])
+    assert any("corrected the output error" in n for n in whole["notes"])
+    assert any("corrected the weight error" in n for n in rows["esc+bias_correction"]["notes"])  # the default
 
 
 def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
