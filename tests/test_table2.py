@@ -36,9 +36,9 @@ def build():
 '''
 
 
-def _table2():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
-    spec = importlib.util.spec_from_file_location("table2", path)
+def _table2(name="table2"):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -120,6 +120,26 @@ def test_set_rows_are_named_with_their_settings_and_compared_to_their_own_base(t
     assert whole["delta"] == pytest.approx(whole["metric"] - base["metric"])
     assert any("corrected the output error" in n for n in whole["notes"])
     assert any("corrected the weight error" in n for n in rows["esc+bias_correction"]["notes"])  # the default
+
+
+def test_seed_summary_groups_a_seed_study_by_its_settings(tmp_path, toy):
+    table2, summary = _table2(), _table2("seed_summary")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="not found: pass the --out folder"):
+        summary.main([str(out)])
+    common = ["--task", "toy_table2_task:build", "--out", str(out), "--bits", "8", "--budget", "6", "--passes"]
+    for seed in (0, 1):
+        assert table2.main(common + ["--set", f"seed={seed}"]) == 0
+        assert table2.main(common + ["--set", f"seed={seed}", "sigma0=0.5"]) == 0
+    rows = {r["row"]: r["metric"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert summary.main([str(out)]) == 0
+    table = (out / "seeds.md").read_text()
+    for setting, runs in (("esc", ["esc[seed=0]", "esc[seed=1]"]),
+                          ("esc[sigma0=0.5]", ["esc[seed=0,sigma0=0.5]", "esc[seed=1,sigma0=0.5]"])):
+        line = next(line for line in table.splitlines() if f"| `{setting}` |" in line)
+        values = [rows[r] for r in runs]  # lower is better: worst = max
+        assert line.endswith(f"| {sum(values) / 2:.4g} | {max(values):.4g} | {min(values):.4g} |")
+    assert "FP32" not in table  # rows without a seed are not a seed study
 
 
 def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
