@@ -78,7 +78,11 @@ class QuantConfig:
     init_grid : int
         ESC: number of candidate scales per layer in the local grid search.
     init_max_elements : int
-        ESC: cap on cached input elements per layer for the local search.
+        ESC: cap on cached input elements per layer for the local search
+        (and the input samples of SmoothQuant ``"auto"``, HyQ, NoisyQuant).
+        The sample is drawn with ``seed``; too small a sample makes the init,
+        and the start the search takes, move with the seed. Memory: up to
+        4 bytes per element per quantized op; lower it for very large models.
     exclude : tuple of str
         ``fnmatch`` patterns of module names to leave in float (reported as such).
     quantize_layernorm : bool
@@ -180,7 +184,7 @@ class QuantConfig:
     percentiles: Tuple[float, ...] = (99.99, 99.999, 99.9999)
     histogram_bins: int = 2048
     init_grid: int = 32
-    init_max_elements: int = 1 << 18
+    init_max_elements: int = 1 << 20  # seed studies: 1 << 18 let the init move with the seed
     exclude: Tuple[str, ...] = ()
     quantize_layernorm: bool = True
     quantize_attention: bool = False
