@@ -14,15 +14,11 @@ not changed).
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from esc_plugin.core.io import write_bytes  # noqa: E402
-
-_SEED = re.compile(r"(?:^|,)seed=(-?\d+)")
-
 
 def split_seed(row_name):
     """``(name without the seed setting, seed)``; seed ``None`` when the row has no ``seed=``.
@@ -35,14 +31,12 @@ def split_seed(row_name):
     ('esc_paper', None)
     """
     base, sep, tag = row_name.partition("[")
-    if not sep:
+    settings = tag.rstrip("]").split(",") if sep else []
+    seeds = [s for s in settings if s.startswith("seed=")]
+    if not seeds:
         return row_name, None
-    settings = tag.rstrip("]")
-    match = _SEED.search(settings)
-    if match is None:
-        return row_name, None
-    rest = ",".join(s for s in settings.split(",") if not s.startswith("seed="))
-    return (f"{base}[{rest}]" if rest else base), int(match.group(1))
+    rest = ",".join(s for s in settings if s not in seeds)
+    return (f"{base}[{rest}]" if rest else base), int(seeds[0][len("seed="):])
 
 
 def summarise(rows, higher_is_better):

@@ -36,12 +36,16 @@ def build():
 '''
 
 
-def _table2(name="table2"):
+def _benchmark(name):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _table2():
+    return _benchmark("table2")
 
 
 @pytest.fixture
@@ -123,7 +127,7 @@ def test_set_rows_are_named_with_their_settings_and_compared_to_their_own_base(t
 
 
 def test_seed_summary_groups_a_seed_study_by_its_settings(tmp_path, toy):
-    table2, summary = _table2(), _table2("seed_summary")
+    table2, summary = _table2(), _benchmark("seed_summary")
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="not found: pass the --out folder"):
         summary.main([str(out)])
