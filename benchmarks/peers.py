@@ -1,9 +1,17 @@
 """Peer quantizers for the benchmark tables (not esc_plugin dependencies).
 
+``PEERS`` maps a row name to its :class:`Peer`: how it quantizes, at which
+bit widths it runs, and the note its rows carry. Benchmarks read it instead
+of a list of names.
+
 ``nncf_quantize(model, forward_loop)``: Intel NNCF's ``nncf.quantize`` (INT8,
 default preset) on the same calibration inputs the esc_plugin rows use. The
-inputs are captured from the task's own forward loop by a pre-hook on the
-root module, so any task works without exposing its data.
+inputs are captured from the task's own forward loop by hooks, so any task
+works without exposing its data. A loop that calls the root module gives one
+NNCF model; a loop that calls submodules instead (Whisper's task calls the
+encoder, the decoder and the vocabulary projection) gives one NNCF model per
+outermost called submodule, each calibrated on its own calls, put into a copy
+of the root.
 
 Example (needs ``pip install nncf``; its first call compiles a C++ extension)::
 
@@ -11,32 +19,106 @@ Example (needs ``pip install nncf``; its first call compiles a C++ extension)::
     task.evaluate(q)
 """
 import copy
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
 
 
-def captured_inputs(model, forward_loop):
-    """The positional inputs of every root call that ``forward_loop`` makes."""
-    calls = []
-    handle = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(a.detach() for a in args)))
+def captured_calls(model, forward_loop):
+    """``{module name: [call, ...]}`` of the outermost module calls ``forward_loop`` makes.
+
+    "Outermost": made while no other module of ``model`` is running, so a
+    submodule called from inside its parent is not listed. ``""`` is the root.
+    Each call is a kwargs dict (positional arguments bound to their parameter
+    names), its tensors detached and every value copied at call time (a cache
+    the loop mutates later is kept as it was).
+    """
+    calls, active, handles = {}, [0], []
+
+    def pre(name, module):
+        def hook(mod, args, kwargs):
+            if active[0] == 0:
+                bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+                call = {k: v.detach() if torch.is_tensor(v) else v for k, v in bound.arguments.items()}
+                calls.setdefault(name, []).append(copy.deepcopy(call))
+            active[0] += 1
+        return hook
+
+    def post(mod, args, kwargs, output):
+        active[0] -= 1
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(pre(name, module), with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad():
             forward_loop(model)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if not calls:
         raise RuntimeError("the forward loop made no call to the model: nothing to calibrate NNCF on.")
     return calls
 
 
+def captured_inputs(model, forward_loop):
+    """The positional inputs of every root call that ``forward_loop`` makes (root calls only)."""
+    root = captured_calls(model, forward_loop).get("")
+    if not root:
+        raise RuntimeError("the forward loop calls submodules, not the model itself: use captured_calls.")
+    return [tuple(call.values()) for call in root]
+
+
+def _quantize_one(nncf, module, calls, subset_size, options):
+    dataset = nncf.Dataset(calls, lambda call: dict(call))
+    return nncf.quantize(copy.deepcopy(module).eval(), dataset,
+                         subset_size=subset_size or len(calls), **options)
+
+
 def nncf_quantize(model, forward_loop, subset_size=None, **options):
-    """``nncf.quantize`` (INT8) on a copy of ``model`` with the forward loop's inputs; FP32 model untouched."""
+    """``nncf.quantize`` (INT8) on a copy of ``model`` with the forward loop's inputs; FP32 model untouched.
+
+    NNCF counts dataset items (here: the loop's calls); every one is used
+    unless ``subset_size`` says otherwise. ``options`` go to ``nncf.quantize``.
+    """
     try:
         import nncf
     except ImportError as exc:
         raise SystemExit("NNCF is not installed: pip install -e '.[peers]' (nncf==3.4.0).") from exc
-    inputs = captured_inputs(model, forward_loop)
-    dataset = nncf.Dataset(inputs, lambda args: args[0] if len(args) == 1 else args)
-    example = copy.deepcopy(model).eval()
-    # NNCF counts dataset items (here: the loop's batches); use every one of them
-    return nncf.quantize(example, dataset, subset_size=subset_size or len(inputs), **options)
+    calls = captured_calls(model, forward_loop)
+    if "" in calls:
+        return _quantize_one(nncf, model, calls[""], subset_size, options)
+    quantized = copy.deepcopy(model).eval()
+    for name, module_calls in calls.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = quantized.get_submodule(parent_name)
+        setattr(parent, attr, _quantize_one(nncf, model.get_submodule(name), module_calls, subset_size, options))
+    return quantized
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer quantizer row: ``quantize(model, forward_loop) -> model``, the bit widths it runs at,
+    the note its rows carry and the package (with its install command) it needs."""
+
+    quantize: Callable
+    bits: Tuple[int, ...]
+    note: str
+    package: str
+    install: str
+
+
+PEERS = {
+    "nncf": Peer(nncf_quantize, (8,), "Intel NNCF nncf.quantize, INT8 default preset, same calibration batches",
+                 "nncf", "pip install -e '.[peers]' (nncf==3.4.0)"),
+}
+
+
+def missing_peer_packages(peers):
+    """A message naming what to install for every peer in ``peers`` whose package is absent ('' if none)."""
+    missing = [f"{name} needs {peer.package}: {peer.install}" for name, peer in peers.items()
+               if importlib.util.find_spec(peer.package) is None]
+    return "; ".join(missing)

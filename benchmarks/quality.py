@@ -46,9 +46,9 @@ import esc_plugin as esc  # noqa: E402
 from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
 from esc_plugin.tasks import get_task  # noqa: E402
+from peers import PEERS  # noqa: E402
 
 BASELINES = ("max", "percentile", "entropy", "mse", "stablequant", "output_mse")
-PEERS = ("nncf",)  # Intel NNCF nncf.quantize, INT8 default preset (W8A8 rows only)
 # name -> (QuantConfig options, use the task objective?)
 # the paper's search settings: the first rows (and their results) predate today's ESC defaults
 PAPER = {"method": "esc", "init": "output_mse", "sigma0": 0.1}
@@ -93,16 +93,13 @@ def row_config(name, bits, budget, seed):
 
 
 def run_peer(task, name, bits):
-    from peers import nncf_quantize
-
     t = time.perf_counter()
-    q = nncf_quantize(task.model, task.forward_loop)
+    q = PEERS[name].quantize(task.model, task.forward_loop)
     seconds = time.perf_counter() - t
     with torch.no_grad():
         metrics, calib = task.evaluate(q), float(task.objective(q))
     return {"config": f"W{bits}A{bits}", "variant": name, "metrics": metrics, "calib_objective": calib,
-            "seconds": seconds, "n_evaluations": None, "selection": [], "ptq": [],
-            "notes": ["nncf.quantize, default preset, same calibration batches"]}
+            "seconds": seconds, "n_evaluations": None, "selection": [], "ptq": [], "notes": [PEERS[name].note]}
 
 
 def run_row(task, name, bits, budget, seed, progress, reports=None):
@@ -185,8 +182,8 @@ def main(argv=None):
     rows = []
     for bits in args.bits:
         for name in args.rows:
-            if name in PEERS and bits != 8:
-                continue  # NNCF's default preset is INT8
+            if name in PEERS and bits not in PEERS[name].bits:
+                continue  # e.g. NNCF: its default preset is INT8
             rows.append(run_row(task, name, bits, args.budget, args.seed, args.progress,
                                 args.out if args.reports else None))
             r = rows[-1]

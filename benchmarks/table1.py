@@ -2,9 +2,11 @@
 
 ``--methods`` takes preset names (:func:`esc_plugin.core.presets.preset_names`:
 the registered calibrators and named variants such as ``esc_initbest``, ESC
-started from the best of its init and the baselines' scales); the default is
-all of them. The old spelling ``esc+best`` is accepted as a deprecated alias
-of ``esc_initbest``.
+started from the best of its init and the baselines' scales) and peer names
+(``benchmarks/peers.py``'s ``PEERS``: Intel NNCF's ``nncf.quantize``, INT8
+rows only, needs ``pip install -e ".[peers]"``); the default is all of them.
+The old spelling ``esc+best`` is accepted as a deprecated alias of
+``esc_initbest``.
 
 Calibration uses the task's calibration split (100 clips for honk; for
 Whisper 9 of the 18 transcribed clips by default, or with
@@ -26,6 +28,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import PEERS, missing_peer_packages  # noqa: E402
 from esc_plugin.core.io import atomic_path
 from esc_plugin.core.presets import preset_names
 from esc_plugin.cli import check_writable_folder
@@ -45,9 +49,14 @@ def archive_folder(folder, path):
 DEPRECATED = {"esc+best": "esc_initbest"}
 
 
+def method_names():
+    """Every row name --methods takes: the presets, then the peers."""
+    return tuple(preset_names()) + tuple(PEERS)
+
+
 def resolve_methods(methods):
-    """Preset names, with deprecated spellings mapped (and a printed note), duplicates dropped."""
-    names, resolved = preset_names(), []
+    """Row names, with deprecated spellings mapped (and a printed note), duplicates dropped."""
+    names, resolved = method_names(), []
     for m in methods:
         if m in DEPRECATED:
             print(f"note: --methods {m} is deprecated; it is {DEPRECATED[m]} (rows and folders use that name)",
@@ -84,8 +93,8 @@ def main(argv=None):
     p.add_argument("--task", required=True, help="honk | whisper | demo | package.module:function")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", type=int, default=[8, 4])
-    p.add_argument("--methods", nargs="+", default=list(preset_names()),
-                   help=f"calibrators / presets: {', '.join(preset_names())} (default: all)")
+    p.add_argument("--methods", nargs="+", default=list(method_names()),
+                   help=f"calibrators / presets / peers: {', '.join(method_names())} (default: all)")
     p.add_argument("--budget", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -103,6 +112,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     command = sys.argv if argv is None else ["benchmarks/table1.py", *argv]
     methods = resolve_methods(args.methods)
+    peers = {m: PEERS[m] for m in methods if m in PEERS}
+    methods = [m for m in methods if m not in PEERS]
+    missing = missing_peer_packages(peers)
+    if missing:
+        raise SystemExit(f"error: {missing}")
     try:
         table_configs(args.bits, methods, budget=args.budget, seed=args.seed)  # every config, before any work
         check_writable_folder(args.out)
@@ -120,7 +134,7 @@ def main(argv=None):
             archive_folder(args.out, args.archive)
 
     rows = run_table(task, args.bits, methods, args.out, progress=args.progress, on_row=on_row,
-                     keep_going=args.keep_going, command=command, budget=args.budget, seed=args.seed)
+                     keep_going=args.keep_going, command=command, peers=peers, budget=args.budget, seed=args.seed)
     print(markdown_table(task, rows))
     return 0
 

@@ -94,7 +94,7 @@ def evaluation_overhead(seconds, timings):
 
 
 def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True, on_row=None,
-              keep_going=False, command=None, task_spec=None, **overrides):
+              keep_going=False, command=None, task_spec=None, peers=None, **overrides):
     """FP32 + every (bits, preset): rows of {config, method, metrics, objective, seconds}.
 
     ``methods`` are preset names (default: every registered calibrator).
@@ -106,6 +106,10 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
     is reported, listed under ``"failed"`` in results.json and skipped instead
     of ending the table. ``command`` is recorded in results.json (default
     ``sys.argv``). ``task_spec`` (see :func:`quantize_task`) goes into each run folder.
+    ``peers`` (optional) maps a row name to another quantizer, an object with
+    ``quantize(model, forward_loop) -> model``, ``bits`` (the widths it runs
+    at) and ``note``: its rows follow the presets' at each of those widths,
+    on the same calibration loop and evaluation.
     """
     methods = list(calibrator_names() if methods is None else methods)
     configs = table_configs(bits_list, methods, **overrides)
@@ -123,12 +127,35 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
         if on_row is not None:
             on_row(rows)
 
-    row_done()
-    for bits, cfg in configs:
+    def preset_row(bits, cfg):
         label = label_of(cfg)
         sub = os.path.join(out_dir, f"w{bits}a{bits}_{label}") if out_dir else None
+        qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress, prov=prov, task_spec=task_spec)
+        timings = dict(qmodel.esc_report.timings)
+        # the run's wall-clock relative to the objective evaluations it really made (ESC's
+        # search, percentile's candidates...); absent for calibrators that never evaluate
+        ratio = evaluation_overhead(seconds, timings)
+        if ratio is not None:
+            timings["overhead_vs_evaluations"] = ratio
+        return qmodel, {"method": label, "metrics": metrics, "seconds": seconds, "timings": timings}
+
+    def peer_row(bits, name):
+        t0 = time.perf_counter()
+        qmodel = peers[name].quantize(task.model, task.forward_loop)
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            metrics = task.evaluate(qmodel)
+        return qmodel, {"method": name, "metrics": metrics, "seconds": seconds, "note": peers[name].note}
+
+    jobs = [(bits, label_of(cfg), lambda b=bits, c=cfg: preset_row(b, c)) for bits, cfg in configs]
+    for name, peer in (peers or {}).items():
+        jobs += [(bits, name, lambda b=bits, n=name: peer_row(b, n)) for bits in bits_list if bits in peer.bits]
+    order = {b: i for i, b in enumerate(bits_list)}
+    jobs.sort(key=lambda job: order[job[0]])  # stable: at each width the presets, then the peers
+    row_done()
+    for bits, label, run in jobs:
         try:
-            qmodel, metrics, seconds = quantize_task(task, cfg, sub, progress, prov=prov, task_spec=task_spec)
+            qmodel, row = run()
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
         except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going
@@ -138,16 +165,9 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
             print(f"  {task.name} W{bits}A{bits} {label:12s} FAILED: {type(e).__name__}: {e}", flush=True)
             row_done()
             continue
-        timings = dict(qmodel.esc_report.timings)
-        # the run's wall-clock relative to the objective evaluations it really made (ESC's
-        # search, percentile's candidates...); absent for calibrators that never evaluate
-        ratio = evaluation_overhead(seconds, timings)
-        if ratio is not None:
-            timings["overhead_vs_evaluations"] = ratio
-        rows.append({"config": f"W{bits}A{bits}", "bits": bits, "method": label, "metrics": metrics,
-                     "objective": objective, "seconds": seconds, "timings": timings})
-        print(f"  {task.name} W{bits}A{bits} {label:12s} {task.metric}={metrics[task.metric]:.3f} "
-              f"objective={objective:.4g} ({seconds:.1f} s)", flush=True)
+        rows.append({"config": f"W{bits}A{bits}", "bits": bits, **row, "objective": objective})
+        print(f"  {task.name} W{bits}A{bits} {label:12s} {task.metric}={row['metrics'][task.metric]:.3f} "
+              f"objective={objective:.4g} ({row['seconds']:.1f} s)", flush=True)
         row_done()
     return rows
 
@@ -193,6 +213,8 @@ def write_results(task, rows, out_dir, failed=None, command=None, prov=None):
         results["failed"] = failed
     write_json(os.path.join(out_dir, "results.json"), results)
     dirty = " (uncommitted changes)" if prov["dirty"] else ""
-    md = (f"### {task.name}\n\n{markdown_table(task, rows)}\n\n{json.dumps(task.info)}\n\n"
+    notes = {r["method"]: r["note"] for r in rows if r.get("note")}  # peer rows: what they ran
+    notes = "".join(f"* {name}: {note}\n" for name, note in notes.items()) + ("\n" if notes else "")
+    md = (f"### {task.name}\n\n{markdown_table(task, rows)}\n\n{notes}{json.dumps(task.info)}\n\n"
           f"Commit {prov['commit']}{dirty}; command: `{' '.join(prov['command'])}`\n")
     write_bytes(os.path.join(out_dir, "results.md"), md.encode())

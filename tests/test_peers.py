@@ -38,3 +38,75 @@ def test_nncf_peer_quantizes_a_copy_on_the_loops_inputs():
     assert not torch.equal(ref, got)  # fake-quantized
     assert torch.allclose(ref, got, atol=0.1 * float(ref.abs().max()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _EncoderDecoder(nn.Module):
+    """Called the way the Whisper task calls its model: submodules with keywords, never the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def test_nncf_peer_quantizes_each_outermost_submodule_the_loop_calls():
+    pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
+    from peers import captured_calls, nncf_quantize
+
+    torch.manual_seed(0)
+    model = _EncoderDecoder().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(5, 6) for _ in range(3)]
+    state = {"seen": []}
+
+    def loop(m):
+        for x in data:
+            h = m.encoder(input=x)
+            m.decoder(h)
+            state["seen"].append(1)
+
+    calls = captured_calls(model, loop)
+    assert sorted(calls) == ["decoder", "encoder"] and len(calls["encoder"]) == 3
+    assert set(calls["encoder"][0]) == {"input"}  # positional and keyword calls alike, by parameter name
+    q = nncf_quantize(model, loop)
+    assert type(q) is _EncoderDecoder and q.encoder is not model.encoder
+    with torch.no_grad():
+        ref, got = model(data[0]), q(data[0])
+    assert not torch.equal(ref, got) and torch.allclose(ref, got, atol=0.1 * float(ref.abs().max()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_table_peer_rows_run_at_their_widths_after_the_presets(tmp_path):
+    pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
+    from peers import PEERS, missing_peer_packages
+
+    from esc_plugin.runner import run_table
+    from esc_plugin.tasks import Task
+
+    torch.manual_seed(0)
+    model = _EncoderDecoder().eval()
+    data = [torch.randn(4, 6) for _ in range(2)]
+    ref = [model(x).detach() for x in data]
+
+    def err(m):
+        with torch.no_grad():
+            return float(sum((m(x) - r).pow(2).mean() for x, r in zip(data, ref)))
+
+    task = Task(name="toy", model=model, forward_loop=lambda m: [m(x) for x in data], objective=err,
+                evaluate=lambda m: {"err": err(m)}, metric="err", higher_is_better=False)
+    assert missing_peer_packages(PEERS) == ""
+    rows = run_table(task, [8, 4], ["max"], str(tmp_path), progress=False, peers={"nncf": PEERS["nncf"]})
+    assert [(r["config"], r["method"]) for r in rows] == [("FP32", "-"), ("W8A8", "max"), ("W8A8", "nncf"),
+                                                          ("W4A4", "max")]
+    nncf_row = rows[2]
+    assert 0 < nncf_row["metrics"]["err"] < 0.01 and nncf_row["objective"] == nncf_row["metrics"]["err"]
+    assert f"* nncf: {PEERS['nncf'].note}" in (tmp_path / "results.md").read_text()
+
+
+def test_a_peer_whose_package_is_missing_is_named_with_its_install_command():
+    from peers import Peer, missing_peer_packages
+
+    absent = Peer(None, (8,), "n/a", "no_such_package_xyz", "pip install no-such-package")
+    assert missing_peer_packages({"x": absent}) == "x needs no_such_package_xyz: pip install no-such-package"
