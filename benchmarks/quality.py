@@ -94,7 +94,7 @@ def row_config(name, bits, budget, seed):
 
 def run_peer(task, name, bits):
     t = time.perf_counter()
-    q = PEERS[name].quantize(task.model, task.forward_loop)
+    q = PEERS[name].quantize(task.model, task.forward_loop, task.objective)
     seconds = time.perf_counter() - t
     with torch.no_grad():
         metrics, calib = task.evaluate(q), float(task.objective(q))

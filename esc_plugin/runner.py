@@ -107,9 +107,10 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
     of ending the table. ``command`` is recorded in results.json (default
     ``sys.argv``). ``task_spec`` (see :func:`quantize_task`) goes into each run folder.
     ``peers`` (optional) maps a row name to another quantizer, an object with
-    ``quantize(model, forward_loop) -> model``, ``bits`` (the widths it runs
+    ``quantize(model, forward_loop, objective) -> model``, ``bits`` (the widths it runs
     at) and ``note``: its rows follow the presets' at each of those widths,
-    on the same calibration loop and evaluation.
+    on the same calibration loop and evaluation; a peer that fails on the
+    model is listed under ``"failed"``, whatever ``keep_going`` says.
     """
     methods = list(calibrator_names() if methods is None else methods)
     configs = table_configs(bits_list, methods, **overrides)
@@ -141,25 +142,26 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
 
     def peer_row(bits, name):
         t0 = time.perf_counter()
-        qmodel = peers[name].quantize(task.model, task.forward_loop)
+        qmodel = peers[name].quantize(task.model, task.forward_loop, task.objective)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             metrics = task.evaluate(qmodel)
         return qmodel, {"method": name, "metrics": metrics, "seconds": seconds, "note": peers[name].note}
 
-    jobs = [(bits, label_of(cfg), lambda b=bits, c=cfg: preset_row(b, c)) for bits, cfg in configs]
+    # (bits, row name, run, is a peer)
+    jobs = [(bits, label_of(cfg), lambda b=bits, c=cfg: preset_row(b, c), False) for bits, cfg in configs]
     for name, peer in (peers or {}).items():
-        jobs += [(bits, name, lambda b=bits, n=name: peer_row(b, n)) for bits in bits_list if bits in peer.bits]
+        jobs += [(bits, name, lambda b=bits, n=name: peer_row(b, n), True) for bits in bits_list if bits in peer.bits]
     order = {b: i for i, b in enumerate(bits_list)}
     jobs.sort(key=lambda job: order[job[0]])  # stable: at each width the presets, then the peers
     row_done()
-    for bits, label, run in jobs:
+    for bits, label, run, is_peer in jobs:
         try:
             qmodel, row = run()
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
         except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going
-            if not keep_going:
+            if not (keep_going or is_peer):  # another tool that cannot take this model: a failed row
                 raise
             failed.append({"config": f"W{bits}A{bits}", "method": label, "error": f"{type(e).__name__}: {e}"})
             print(f"  {task.name} W{bits}A{bits} {label:12s} FAILED: {type(e).__name__}: {e}", flush=True)

@@ -1,4 +1,5 @@
-"""The NNCF peer row of the benchmarks, on real NNCF (nncf.quantize on a torch model)."""
+"""The peer rows of the benchmarks, on real NNCF (nncf.quantize on torch models, accuracy control via OpenVINO)."""
+import json
 import sys
 
 import pytest
@@ -10,17 +11,18 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+class Net(nn.Module):  # not nn.Sequential: NNCF adds a hook-storage child that Sequential would call
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8 * 10, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
 def test_nncf_peer_quantizes_a_copy_on_the_loops_inputs():
     pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
     from peers import captured_inputs, nncf_quantize
-
-    class Net(nn.Module):  # not nn.Sequential: NNCF adds a hook-storage child that Sequential would call
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8 * 10, 3)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).flatten(1))
 
     torch.manual_seed(0)
     model = Net().eval()
@@ -104,9 +106,45 @@ def test_table_peer_rows_run_at_their_widths_after_the_presets(tmp_path):
     assert 0 < nncf_row["metrics"]["err"] < 0.01 and nncf_row["objective"] == nncf_row["metrics"]["err"]
     assert f"* nncf: {PEERS['nncf'].note}" in (tmp_path / "results.md").read_text()
 
+    # a peer that cannot take the model is a failed row, not the end of the table
+    by_parts = Task(name="toy", model=model, forward_loop=lambda m: [m.decoder(m.encoder(x)) for x in data],
+                    objective=err, evaluate=lambda m: {"err": err(m)}, metric="err", higher_is_better=False)
+    rows = run_table(by_parts, [8], ["max"], str(tmp_path), progress=False, peers={"nncf_ac": PEERS["nncf_ac"]})
+    assert [r["method"] for r in rows] == ["-", "max"]
+    failed = json.loads((tmp_path / "results.json").read_text())["failed"]
+    assert failed[0]["method"] == "nncf_ac" and "not the model itself" in failed[0]["error"]
+
 
 def test_a_peer_whose_package_is_missing_is_named_with_its_install_command():
     from peers import Peer, missing_peer_packages
 
     absent = Peer(None, (8,), "n/a", "no_such_package_xyz", "pip install no-such-package")
     assert missing_peer_packages({"x": absent}) == "x needs no_such_package_xyz: pip install no-such-package"
+
+
+def test_nncf_accuracy_control_runs_through_openvino_within_the_allowed_drop():
+    pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
+    pytest.importorskip("openvino", reason="OpenVINO is an extra: pip install -e '.[openvino]'")
+    import nncf
+
+    from peers import OpenVinoModule, nncf_accuracy_control
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(6, 4, 10) for _ in range(3)]
+    ref = [model(x).detach() for x in data]
+
+    def objective(m):  # lower is better, like every esc_plugin objective
+        return float(sum((m(x) - r).pow(2).mean() for x, r in zip(data, ref)))
+
+    with pytest.raises(nncf.UnsupportedBackendError):  # why the peer goes through OpenVINO
+        nncf.quantize_with_accuracy_control(model, nncf.Dataset(data), nncf.Dataset(data),
+                                            validation_fn=lambda m, d: -objective(m))
+    q = nncf_accuracy_control(model, lambda m: [m(x) for x in data], objective, max_drop=1e-3)
+    assert isinstance(q, OpenVinoModule)
+    assert objective(q) <= objective(model) + 1e-3 + 1e-6  # NNCF's promise, on the validation batches
+    assert q(data[0]).shape == ref[0].shape
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(RuntimeError, match="not the model itself"):
+        nncf_accuracy_control(_EncoderDecoder(), lambda m: m.encoder(torch.randn(2, 6)), objective)
