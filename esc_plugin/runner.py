@@ -140,7 +140,7 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
             timings["overhead_vs_evaluations"] = ratio
         return qmodel, {"method": label, "metrics": metrics, "seconds": seconds, "timings": timings}
 
-    def peer_row(bits, name):
+    def peer_row(name):
         t0 = time.perf_counter()
         qmodel = peers[name].quantize(task.model, task.forward_loop, task.objective)
         seconds = time.perf_counter() - t0
@@ -151,7 +151,7 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
     # (bits, row name, run, is a peer)
     jobs = [(bits, label_of(cfg), lambda b=bits, c=cfg: preset_row(b, c), False) for bits, cfg in configs]
     for name, peer in (peers or {}).items():
-        jobs += [(bits, name, lambda b=bits, n=name: peer_row(b, n), True) for bits in bits_list if bits in peer.bits]
+        jobs += [(bits, name, lambda n=name: peer_row(n), True) for bits in bits_list if bits in peer.bits]
     order = {b: i for i, b in enumerate(bits_list)}
     jobs.sort(key=lambda job: order[job[0]])  # stable: at each width the presets, then the peers
     row_done()
@@ -160,7 +160,7 @@ def run_table(task, bits_list=(8, 4), methods=None, out_dir=None, progress=True,
             qmodel, row = run()
             with torch.no_grad():
                 objective = float(task.objective(qmodel))
-        except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going
+        except Exception as e:  # noqa: BLE001 -- re-raised unless keep_going or a peer's
             if not (keep_going or is_peer):  # another tool that cannot take this model: a failed row
                 raise
             failed.append({"config": f"W{bits}A{bits}", "method": label, "error": f"{type(e).__name__}: {e}"})
