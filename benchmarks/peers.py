@@ -38,7 +38,7 @@ def captured_calls(model, forward_loop):
     """
     calls, active, handles = {}, [0], []
 
-    def pre(name, module):
+    def pre(name):
         def hook(mod, args, kwargs):
             if active[0] == 0:
                 bound = inspect.signature(mod.forward).bind(*args, **kwargs)
@@ -51,7 +51,7 @@ def captured_calls(model, forward_loop):
         active[0] -= 1
 
     for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre(name, module), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -73,9 +73,8 @@ def captured_inputs(model, forward_loop):
 
 
 def _quantize_one(nncf, module, calls, subset_size, options):
-    dataset = nncf.Dataset(calls, lambda call: dict(call))
-    return nncf.quantize(copy.deepcopy(module).eval(), dataset,
-                         subset_size=subset_size or len(calls), **options)
+    """``nncf.quantize`` of ``module`` (a copy the caller made) on its captured calls, as keywords."""
+    return nncf.quantize(module.eval(), nncf.Dataset(calls, dict), subset_size=subset_size or len(calls), **options)
 
 
 def nncf_quantize(model, forward_loop, subset_size=None, **options):
@@ -89,13 +88,13 @@ def nncf_quantize(model, forward_loop, subset_size=None, **options):
     except ImportError as exc:
         raise SystemExit("NNCF is not installed: pip install -e '.[peers]' (nncf==3.4.0).") from exc
     calls = captured_calls(model, forward_loop)
+    quantized = copy.deepcopy(model).eval()  # the one copy: NNCF works on it, the FP32 model stays
     if "" in calls:
-        return _quantize_one(nncf, model, calls[""], subset_size, options)
-    quantized = copy.deepcopy(model).eval()
+        return _quantize_one(nncf, quantized, calls[""], subset_size, options)
     for name, module_calls in calls.items():
         parent_name, _, attr = name.rpartition(".")
         parent = quantized.get_submodule(parent_name)
-        setattr(parent, attr, _quantize_one(nncf, model.get_submodule(name), module_calls, subset_size, options))
+        setattr(parent, attr, _quantize_one(nncf, getattr(parent, attr), module_calls, subset_size, options))
     return quantized
 
 
