@@ -265,3 +265,20 @@ def test_selection_guard_holds_back_a_full_batch_not_the_short_last_one(trained)
                             loader_kwargs={"batch_size": 8}, progress=False)
     assert "selection guard: the objective's split (20% held back: 1 of 4 parts, 8 of 25 samples)" \
         in result.report.notes
+
+
+def test_calibration_loader_of_its_own_lets_the_guard_split_one_test_batch(trained):
+    """The test loader's batch holds every calibration item: the guard is off and the report names
+    ``calib_loader_kwargs``; with that smaller calibration batch it holds one batch back."""
+    brain, hparams, test, out = trained
+    hparams.update(quantize="esc", quantization={"bits": 8, "budget": 4, "n_samples": 20, "seed": 0,
+                                                 "init": "output_mse"})
+    one = quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test,
+                         loader_kwargs={"batch_size": 32}, progress=False)
+    assert any(n.startswith("selection guard off") for n in one.report.notes)
+    assert any("calib_loader_kwargs" in n for n in one.report.notes)
+    five = quantize_brain(brain, hparams, calib_set=make_data(30, 4), test_set=test,
+                          loader_kwargs={"batch_size": 32}, calib_loader_kwargs={"batch_size": 4}, progress=False)
+    assert "selection guard: the objective's split (20% held back: 1 of 5 parts, 4 of 20 samples)" \
+        in five.report.notes
+    assert not any("calib_loader_kwargs" in n for n in five.report.notes)

@@ -68,7 +68,8 @@ class StageResult:
             yield brain
 
 
-def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None, progress=True):
+def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None, progress=True,
+                   calib_loader_kwargs=None):
     """Calibrate ``brain.modules`` with the recipe's own metric; evaluate and save the result.
 
     Does nothing (returns ``None``) when ``hparams["quantize"]`` is ``none`` or
@@ -90,6 +91,11 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         Dataloader options (batch size, collate) for both sets.
     progress : bool
         tqdm progress bars.
+    calib_loader_kwargs : dict, optional
+        Dataloader options for the calibration set only (default:
+        ``loader_kwargs``). The selection guard holds back whole batches, so
+        a calibration set that fits in one batch gets no guard: give it a
+        smaller ``batch_size`` here (e.g. ``n_samples / 5``).
 
     Returns
     -------
@@ -107,7 +113,8 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
         raise ConfigError(f"the calibration set has {len(calib_set)} items but quantization.n_samples={n}: "
                           f"pass a larger calib_set or set `quantization: {{n_samples: {len(calib_set)}}}`.")
     loader_kwargs = dict(loader_kwargs or {})
-    batches = _calibration_batches(brain, calib_set, n, loader_kwargs)
+    calib_kwargs = loader_kwargs if calib_loader_kwargs is None else dict(calib_loader_kwargs)
+    batches = _calibration_batches(brain, calib_set, n, calib_kwargs)
 
     # Which metric is the objective, and its direction, checked before any calibration work.
     brain.modules.eval()
@@ -167,6 +174,10 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     report.notes.append(f"calibration: first {n} items of calib_set; objective: {metric_name}"
                         + (f"[{settings.metric_key}]" if settings.metric_key else ""))
     report.notes.extend(notes + ([cache.note()] if cache else []))
+    if len(batches) < 2 and any(note.startswith("selection guard off") for note in report.notes):
+        report.notes.append(f"the {n} calibration items are one batch and the guard holds back whole batches: "
+                            "pass calib_loader_kwargs={'batch_size': ...} to quantize_brain with a smaller "
+                            "batch size (e.g. n_samples / 5)")
 
     save_quantized(qmodules, folder)
     metrics = {"method": settings.method, "label": settings.tag,

@@ -191,5 +191,6 @@ if __name__ == "__main__":
     )
     brain.evaluate(test_data, min_key="ErrorRate", test_loader_kwargs=hparams["test_dataloader_opts"])
     quantize_brain(
-        brain, hparams, calib_set=calib_data, test_set=test_data, loader_kwargs=hparams["test_dataloader_opts"]
+        brain, hparams, calib_set=calib_data, test_set=test_data, loader_kwargs=hparams["test_dataloader_opts"],
+        calib_loader_kwargs=hparams.get("calib_dataloader_opts"),
     )
