@@ -50,7 +50,7 @@ def finish(run):
 
 
 def digests(folder):
-    from esc_plugin.speechbrain.stage import file_digest
+    from esc_plugin.speechbrain.saved import file_digest
     return {str(p.relative_to(folder)): file_digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
         pytest.skip(f"real data not found at {root}: set ESC_SHARED to the shared/ folder")
     base = tmp_path_factory.mktemp("speaker")
     pretrained = root / "models" / "resemblyzer" / "pretrained.pt"
-    from esc_plugin.speechbrain.stage import file_digest
+    from esc_plugin.speechbrain.saved import file_digest
     pretrained_digest = file_digest(pretrained)
     ecapa_args = [f"--data_folder={root / 'data'}", f"--output_folder={base / 'ecapa'}"] + ECAPA_TINY
     ge2e_args = [f"--data_folder={root / 'data'}", f"--pretrained_path={pretrained}",
@@ -155,7 +155,7 @@ def test_ecapa_recipe_trains_tests_and_quantizes(runs, monkeypatch):
 
 
 def test_ge2e_recipe_measures_and_quantizes(runs, monkeypatch):
-    from esc_plugin.speechbrain.stage import file_digest
+    from esc_plugin.speechbrain.saved import file_digest
     assert file_digest(runs.pretrained) == runs.pretrained_digest
     folder = runs.base / "ge2e" / "quantized" / "esc_w8a8"
     metrics, quantized, left_float = read_quantized_folder(folder)

@@ -12,7 +12,7 @@ from speechbrain.utils.train_logger import FileTrainLogger
 
 from esc_plugin.core.errors import ConfigError
 from esc_plugin.speechbrain import bound_modules, load_quantized, quantize_brain
-from esc_plugin.speechbrain.stage import file_digest
+from esc_plugin.speechbrain.saved import file_digest
 
 N_CLASSES, DIM = 4, 16
 

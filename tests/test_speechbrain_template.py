@@ -15,7 +15,7 @@ from speechbrain.utils.metric_stats import MetricStats
 
 from esc_plugin.core.errors import ConfigError
 from esc_plugin.speechbrain import quantize_brain
-from esc_plugin.speechbrain.stage import file_digest
+from esc_plugin.speechbrain.saved import file_digest
 
 N_CLASSES, DIM = 4, 16
 

@@ -12,13 +12,11 @@ the calibration objective *is* the recipe's metric on the first
 ``n_samples`` calibration items.
 """
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass, field
 
 import torch
 import speechbrain as sb
-from speechbrain.utils.checkpoints import Checkpointer
 
 from ..core.errors import CalibrationError, ConfigError
 from ..core.io import write_json
@@ -27,6 +25,7 @@ from .binding import bound_modules
 from .frontcache import FrontEndCache
 from .metric import LOSS, choose_tracker, fp32_lacks_test_metrics, read_value, resolve_direction
 from .outputs import check_output_folder, redirect_outputs, restore_outputs
+from .saved import save_quantized
 from .settings import read_settings
 
 TEST = sb.Stage.TEST
@@ -200,50 +199,6 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     return StageResult(folder, qmodules, report, metrics)
 
 
-def save_quantized(qmodules, folder):
-    """Write ``quantized.pt`` (esc state), a SpeechBrain checkpoint of the quantized modules,
-    ``report.json`` and the plots into ``folder``."""
-    from ..core.api import save as esc_save
-    os.makedirs(folder, exist_ok=True)
-    esc_save(qmodules, os.path.join(folder, "quantized.pt"))
-    ckpt = Checkpointer(os.path.join(folder, "checkpoint"), recoverables=dict(qmodules.items()))
-    ckpt.save_and_keep_only(meta={"esc_plugin": "quantized"}, num_to_keep=1)
-    report = qmodules.esc_report
-    report.save_json(os.path.join(folder, "report.json"))
-    report.plot(folder)
-
-
-def load_quantized(brain_or_modules, folder):
-    """Rebuild the quantized modules saved by the stage onto a Brain built from the FP32 checkpoint.
-
-    The quantizer layout comes from ``quantized.pt``; weights and scales are
-    then restored through SpeechBrain's ``Checkpointer`` from
-    ``folder/checkpoint``, so the result equals what the stage evaluated.
-
-    Arguments
-    ---------
-    brain_or_modules : speechbrain.core.Brain or torch.nn.ModuleDict
-    folder : str
-
-    Returns
-    -------
-    torch.nn.ModuleDict
-        The quantized copy; use ``with bound_modules(brain, qmodules):`` (or
-        ``StageResult.applied``) to run the Brain with it.
-    """
-    from ..core.api import load as esc_load
-    modules = getattr(brain_or_modules, "modules", brain_or_modules)
-    state = os.path.join(folder, "quantized.pt")
-    if not os.path.exists(state):
-        raise ConfigError(f"{folder} holds no quantized.pt: point to a folder written by quantize_brain "
-                          "(default <output_folder>/quantized/<method>_w<b>a<b>).")
-    qmodules = esc_load(modules, state)
-    ckpt_dir = os.path.join(folder, "checkpoint")
-    if os.path.isdir(ckpt_dir):
-        Checkpointer(ckpt_dir, recoverables=dict(qmodules.items())).recover_if_possible()
-    return qmodules
-
-
 # ------------------------------------------------------------------ internals
 
 def _calibration_batches(brain, calib_set, n, loader_kwargs):
@@ -312,15 +267,6 @@ def _float_dict(stats):
         except (TypeError, ValueError):
             continue
     return out
-
-
-def file_digest(path):
-    """sha256 of a file (used by tests to show the FP32 checkpoint is unchanged)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _batch_size(batch):
