@@ -4,14 +4,9 @@
 bit widths it runs, and the note its rows carry. Benchmarks read it instead
 of a list of names.
 
-``nncf_quantize(model, forward_loop)``: Intel NNCF's ``nncf.quantize`` (INT8,
-default preset) on the same calibration inputs the esc_plugin rows use. The
-inputs are captured from the task's own forward loop by hooks, so any task
-works without exposing its data. A loop that calls the root module gives one
-NNCF model; a loop that calls submodules instead (Whisper's task calls the
-encoder, the decoder and the vocabulary projection) gives one NNCF model per
-outermost called submodule, each calibrated on its own calls, put into a copy
-of the root.
+``nncf_quantize(model, forward_loop)`` (:mod:`esc_plugin.nncf_peer`): Intel
+NNCF's ``nncf.quantize`` (INT8, default preset) on the same calibration inputs
+the esc_plugin rows use, captured from the task's own forward loop.
 
 Example (needs ``pip install nncf``; its first call compiles a C++ extension)::
 
@@ -20,82 +15,15 @@ Example (needs ``pip install nncf``; its first call compiles a C++ extension)::
 """
 import copy
 import importlib.util
-import inspect
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
 
-
-def captured_calls(model, forward_loop):
-    """``{module name: [call, ...]}`` of the outermost module calls ``forward_loop`` makes.
-
-    "Outermost": made while no other module of ``model`` is running, so a
-    submodule called from inside its parent is not listed. ``""`` is the root.
-    Each call is a kwargs dict (positional arguments bound to their parameter
-    names), its tensors detached and every value copied at call time (a cache
-    the loop mutates later is kept as it was).
-    """
-    calls, active, handles = {}, [0], []
-
-    def pre(name):
-        def hook(mod, args, kwargs):
-            if active[0] == 0:
-                bound = inspect.signature(mod.forward).bind(*args, **kwargs)
-                call = {k: v.detach() if torch.is_tensor(v) else v for k, v in bound.arguments.items()}
-                calls.setdefault(name, []).append(copy.deepcopy(call))
-            active[0] += 1
-        return hook
-
-    def post(mod, args, kwargs, output):
-        active[0] -= 1
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre(name), with_kwargs=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-    if not calls:
-        raise RuntimeError("the forward loop made no call to the model: nothing to calibrate NNCF on.")
-    return calls
-
-
-def captured_inputs(model, forward_loop):
-    """The positional inputs of every root call that ``forward_loop`` makes (root calls only)."""
-    root = captured_calls(model, forward_loop).get("")
-    if not root:
-        raise RuntimeError("the forward loop calls submodules, not the model itself: use captured_calls.")
-    return [tuple(call.values()) for call in root]
-
-
-def _quantize_one(nncf, module, calls, subset_size, options):
-    """``nncf.quantize`` of ``module`` (a copy the caller made) on its captured calls, as keywords."""
-    return nncf.quantize(module.eval(), nncf.Dataset(calls, dict), subset_size=subset_size or len(calls), **options)
-
-
-def nncf_quantize(model, forward_loop, subset_size=None, **options):
-    """``nncf.quantize`` (INT8) on a copy of ``model`` with the forward loop's inputs; FP32 model untouched.
-
-    NNCF counts dataset items (here: the loop's calls); every one is used
-    unless ``subset_size`` says otherwise. ``options`` go to ``nncf.quantize``.
-    """
-    try:
-        import nncf
-    except ImportError as exc:
-        raise SystemExit("NNCF is not installed: pip install -e '.[peers]' (nncf==3.4.0).") from exc
-    calls = captured_calls(model, forward_loop)
-    quantized = copy.deepcopy(model).eval()  # the one copy: NNCF works on it, the FP32 model stays
-    if "" in calls:
-        return _quantize_one(nncf, quantized, calls[""], subset_size, options)
-    for name, module_calls in calls.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = quantized.get_submodule(parent_name)
-        setattr(parent, attr, _quantize_one(nncf, getattr(parent, attr), module_calls, subset_size, options))
-    return quantized
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from esc_plugin.nncf_peer import captured_calls, captured_inputs, nncf_quantize  # noqa: E402,F401
 
 
 class OpenVinoModule(torch.nn.Module):

@@ -23,10 +23,14 @@ Peer quantizers run as the recipe's stage too: ``nncf`` (Intel NNCF's
 ".[peers]"``).
 Rows already in ``<out>/results.json`` for the same recipe are kept unless
 re-run, so rows can be added by later runs; each row records the commit it
-was produced at (``provenance``).
+was produced at (``provenance``) and the FP32 result it was measured
+against: when the FP32 result changes (the recipe was retrained), the rows
+of the earlier model are dropped. A recipe run that fails is a ``failed``
+row naming the log, and the table goes on.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -117,8 +121,8 @@ def run_recipe(train_py, hparams, extra, log):
         f.flush()
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise SystemExit(f"recipe failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - t
+        return None, f"recipe failed (exit {proc.returncode}); see {os.path.basename(log)}"
+    return time.perf_counter() - t, None
 
 
 def table(rows, keys):
@@ -126,6 +130,10 @@ def table(rows, keys):
              "|" + "---|" * (len(keys) + 4)]
     for r in rows:
         m = r["metrics"] or {}
+        if r.get("failed"):
+            lines.append("| " + " | ".join([r["config"], r["method"], f"failed: {r['failed']}"] +
+                                           ["-"] * (len(keys) + 1)) + " |")
+            continue
         cells = [r["config"], r["method"]] + [f"{m[k]:.4g}" if isinstance(m.get(k), (int, float)) else "-"
                                                for k in keys]
         obj = r.get("objective")
@@ -164,20 +172,50 @@ def main(argv=None):
             quantize, options = recipe_options(method)
             folder = os.path.join(run_dir, "quantized", f"{method}_w{bits}a{bits}")  # the row's own folder
             block = quantization_block({"bits": bits, **options, "output_folder": folder})
-            seconds = run_recipe(args.train_py, args.hparams,
-                                 base + [f"--quantize={quantize}", f"--quantization={block}"], log)
-            with open(os.path.join(folder, "metrics.json")) as f:
-                m = json.load(f)
-            rows = [r for r in rows if (r["config"], r["method"]) not in
-                    (("FP32", "-"), (f"W{bits}A{bits}", method))]
-            rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
-                         "seconds": None, "names": NAMES})
-            rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
-                         "objective": m["calibration_objective"], "seconds": m.get("seconds"),
-                         "recipe_seconds": seconds, "extra": extra, "provenance": prov, "names": NAMES})
+            seconds, failure = run_recipe(args.train_py, args.hparams,
+                                          base + [f"--quantize={quantize}", f"--quantization={block}"], log)
+            rows = [r for r in rows if (r["config"], r["method"]) != (f"W{bits}A{bits}", method)]
+            if failure:  # a row that cannot run is a row that says so, not the end of the table
+                print(failure, flush=True)
+                rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": None, "objective": None,
+                             "seconds": None, "failed": failure, "extra": extra, "provenance": prov,
+                             "names": NAMES})
+            else:
+                with open(os.path.join(folder, "metrics.json")) as f:
+                    m = json.load(f)
+                rows = same_fp32(rows, m["fp32"])
+                rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
+                             "seconds": None, "names": NAMES})
+                rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],
+                             "objective": m["calibration_objective"], "seconds": m.get("seconds"),
+                             "recipe_seconds": seconds, "extra": extra, "provenance": prov, "names": NAMES,
+                             "fp32": m["fp32"]})
             rows.sort(key=_row_order)
             md = write_results(args, extra, rows, commands, prov)  # after every row: a failed later run keeps the earlier ones
     print(md)
+
+
+def same_fp32(rows, fp32):
+    """``rows`` without the FP32 row and without the rows measured against another FP32 model.
+
+    A recipe retrained into the same run folder is a new FP32 model: rows quantized from the old one
+    are dropped (and named), so one table never compares calibrators across two models.
+    """
+    old = next((r["metrics"] for r in rows if r["config"] == "FP32"), None)
+    stale = [r for r in rows if r["config"] != "FP32" and not r.get("failed") and
+             not _same_metrics(r.get("fp32", old), fp32)]
+    if stale:
+        print("FP32 result changed (the checkpoint was retrained?): dropping rows of the earlier model: " +
+              ", ".join(f"{r['config']} {r['method']}" for r in stale), flush=True)
+    return [r for r in rows if r["config"] != "FP32" and not any(r is s for s in stale)]
+
+
+def _same_metrics(a, b):
+    # the same checkpoint evaluated again: equal up to float summation order
+    if not a or set(a) != set(b):
+        return a == b
+    return all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-9) if isinstance(a[k], (int, float)) and
+               isinstance(b[k], (int, float)) else a[k] == b[k] for k in a)
 
 
 def _row_order(row):

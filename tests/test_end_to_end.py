@@ -131,7 +131,9 @@ tag = args["quantize"] + ("_initbest" if opts.get("init") == "best" else "") + \
     ("_loss" if opts.get("metric") == "loss" else "")
 folder = os.path.join(args["output_folder"], "quantized", f"{tag}_w{opts['bits']}a{opts['bits']}")
 os.makedirs(folder, exist_ok=True)
-json.dump({"fp32": {"error": 0.1}, "quantized": {"error": 0.2 if tag == "max" else 0.15},
+if args["quantize"] == "nncf":
+    sys.exit("this fake recipe cannot run the peer")
+json.dump({"fp32": {"error": float(os.environ.get("FAKE_FP32", "0.1"))}, "quantized": {"error": 0.2 if tag == "max" else 0.15},
            "calibration_objective": {"fp32": 0.1, "quantized": 0.12}, "seconds": 1.0},
           open(os.path.join(folder, "metrics.json"), "w"))
 '''
@@ -171,3 +173,23 @@ def test_sb_table1_rows_from_presets_with_provenance(tmp_path):
     old = [{"config": "W4A4", "method": m, "metrics": {}} for m in ("esc", "esc_recommended", "max")]
     assert [r["method"] for r in sb_table1.rename_rows(old)] == ["esc_paper", "esc", "max"]
     assert sb_table1.rename_rows(sb_table1.rename_rows(old)) == sb_table1.rename_rows(old)  # once only
+
+
+def test_sb_table1_marks_failed_rows_and_drops_rows_of_an_earlier_model(tmp_path, monkeypatch):
+    sb_table1 = _load_benchmark("sb_table1")
+    train = tmp_path / "recipe" / "train.py"
+    train.parent.mkdir()
+    train.write_text(FAKE_RECIPE)
+    out = tmp_path / "out"
+    sb_table1.main([str(train), "hp.yaml", "--out", str(out), "--bits", "4", "--methods", "max"])
+    sb_table1.main([str(train), "hp.yaml", "--out", str(out), "--bits", "8", "--methods", "nncf", "max"])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["config"], r["method"], bool(r.get("failed"))) for r in rows] == [
+        ("FP32", "-", False), ("W8A8", "max", False), ("W8A8", "nncf", True), ("W4A4", "max", False)]
+    assert "| W8A8 | nncf | failed: recipe failed (exit 1); see recipe.log |" in (out / "results.md").read_text()
+
+    monkeypatch.setenv("FAKE_FP32", "0.3")  # the recipe retrained: another FP32 model
+    sb_table1.main([str(train), "hp.yaml", "--out", str(out), "--bits", "8", "--methods", "max"])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["config"], r["method"]) for r in rows] == [("FP32", "-"), ("W8A8", "max"), ("W8A8", "nncf")]
+    assert rows[0]["metrics"] == {"error": 0.3} and rows[1]["fp32"] == {"error": 0.3}

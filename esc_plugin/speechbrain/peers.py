@@ -6,21 +6,21 @@ metric, with nothing written by hand: ``--quantize=nncf`` runs
 then the same test evaluation as every other calibrator, into
 ``quantized/nncf_w8a8/metrics.json``.
 
-NNCF quantizes one ``torch.nn.Module`` called with the dataset's items, while
-a Brain spreads its model over ``modules`` and ``compute_forward``. So a copy
-of ``brain.modules`` is wrapped in a module whose ``forward(batch)`` is the
-recipe's own ``compute_forward`` with the copy bound; NNCF traces and
-quantizes that, and during evaluation the Brain's ``compute_forward`` is
-routed through the quantized wrapper. What ``compute_forward`` does outside
-``brain.modules`` (e.g. ``hparams.compute_features``: a filterbank matrix
-product on power spectra) is traced too but left in float, through NNCF's
-``IgnoredScope`` on ops outside any module, as esc_plugin leaves it: one
-INT8 scale cannot hold a power spectrum, and a deployed model starts at its
-features. NNCF needs ``pip install -e ".[peers]"``; its model is not saved
-in esc_plugin's format (only the metrics).
+A Brain spreads its model over ``modules`` and ``compute_forward``, which
+may call a module once per utterance (ECAPA embeds the utterances of a trial
+batch one by one). So the calls ``compute_forward`` makes into each module of
+``brain.modules`` on the calibration batches are captured, and NNCF quantizes
+each called module holding an op esc_plugin would quantize (Conv, Linear,
+LayerNorm) on its own calls (:func:`esc_plugin.nncf_peer.nncf_quantize`); the
+others (e.g. ``compute_features``: a filterbank matrix product on power
+spectra) and whatever ``compute_forward`` does outside its modules stay
+float, as esc_plugin leaves them: one INT8 scale cannot hold a power
+spectrum, and a deployed model starts at its features. During evaluation the
+Brain's ``compute_forward`` runs with the quantized copy of the modules bound.
+NNCF needs ``pip install -e ".[peers]"``; its model is not saved in
+esc_plugin's format (only the metrics).
 """
 import contextlib
-import copy
 import os
 import time
 
@@ -29,12 +29,12 @@ import speechbrain as sb
 
 from ..core.errors import ConfigError
 from ..core.io import write_json
+from ..core.modules import wrappable
+from ..nncf_peer import import_nncf, nncf_quantize
 from .binding import bound_modules
 from .metric import fp32_lacks_test_metrics
 
 TEST = sb.Stage.TEST
-# NNCF node names are "<module path>/<op>/<index>"; ops called outside any module have an empty path
-OUTSIDE_MODULES = r"/[^/]+/\d+"
 
 
 class BrainForward(torch.nn.Module):
@@ -43,19 +43,9 @@ class BrainForward(torch.nn.Module):
     def __init__(self, brain, inner):
         super().__init__()
         self.inner = inner
-        # a plain attribute, not a submodule: NNCF must neither copy nor trace into the Brain itself
+        # a plain attribute, not a submodule: the Brain's loaders, loggers and checkpointer stay its own
         object.__setattr__(self, "_brain", brain)
         object.__setattr__(self, "_compute_forward", type(brain).compute_forward)
-
-    def __deepcopy__(self, memo):
-        # NNCF copies the model it quantizes: copy the modules, share the Brain (its loaders,
-        # loggers and checkpointer are not copyable, and must stay the recipe's own)
-        memo[id(self._brain)] = self._brain
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
 
     def forward(self, batch):
         with bound_modules(self._brain, self.inner):
@@ -77,31 +67,37 @@ def routed_forward(brain, model):
             brain.compute_forward = own
 
 
-def nncf_quantize_brain(brain, batches):
-    """``nncf.quantize`` of a copy of ``brain.modules`` driven by ``compute_forward`` on ``batches``.
+def _holds_quantizable_op(_name, module):
+    return any(wrappable(m) for m in module.modules())
 
-    Returns ``(quantized model, note)``; the note says what differed from NNCF's defaults (or None).
+
+def nncf_quantize_brain(brain, batches):
+    """``nncf.quantize`` of each module of a copy of ``brain.modules`` that ``compute_forward`` calls.
+
+    Returns ``(BrainForward over the quantized modules, note)``; the note says what differed from
+    NNCF's defaults (or None).
     """
     try:
-        import nncf
+        nncf = import_nncf()
     except ImportError as exc:
         raise ConfigError("quantize: nncf needs Intel NNCF: pip install -e '.[peers]' (nncf==3.4.0).") from exc
-    dataset = nncf.Dataset(batches)
-    options = {"subset_size": len(batches), "ignored_scope": nncf.IgnoredScope(patterns=[OUTSIDE_MODULES],
-                                                                                validate=False)}
+
+    def loop(modules):
+        with bound_modules(brain, modules):
+            for batch in batches:
+                type(brain).compute_forward(brain, batch, TEST)
+
     with torch.no_grad():
-        # NNCF counts dataset items (here: batches): use every calibration batch
         try:
-            wrapper = BrainForward(brain, copy.deepcopy(brain.modules)).eval()
-            return nncf.quantize(wrapper, dataset, **options), None
+            return BrainForward(brain, nncf_quantize(brain.modules, loop, select=_holds_quantizable_op)), None
         except nncf.errors.InternalError as exc:
             # NNCF's fast bias correction cannot read a bias that is not a graph constant (e.g. the
             # in-projection bias slices inside nn.MultiheadAttention): rerun without that one step.
-            wrapper = BrainForward(brain, copy.deepcopy(brain.modules)).eval()
             advanced = nncf.AdvancedQuantizationParameters(disable_bias_correction=True)
             note = (f"NNCF's default pipeline failed ({exc}); rerun with its bias correction disabled "
                     "(AdvancedQuantizationParameters(disable_bias_correction=True)), otherwise default")
-            return nncf.quantize(wrapper, dataset, **options, advanced_parameters=advanced), note
+            return BrainForward(brain, nncf_quantize(brain.modules, loop, select=_holds_quantizable_op,
+                                                     advanced_parameters=advanced)), note
 
 
 def run_peer_stage(brain, settings, batches, objective, fp32_objective, evaluate, fp32_metrics, test_set,
@@ -115,8 +111,9 @@ def run_peer_stage(brain, settings, batches, objective, fp32_objective, evaluate
     t = time.perf_counter()
     qmodel, fallback_note = nncf_quantize_brain(brain, batches)
     seconds = time.perf_counter() - t
-    notes = list(notes) + [f"nncf.quantize (INT8, default preset) on the {len(batches)} calibration batches, "
-                           "traced through compute_forward; ops outside brain.modules left in float (IgnoredScope)"]
+    notes = list(notes) + [f"nncf.quantize (INT8, default preset) of each module compute_forward calls that holds a "
+                           f"Conv/Linear/LayerNorm, on its calls over the {len(batches)} calibration batches; the "
+                           "other modules and the ops outside brain.modules left in float"]
     notes += [fallback_note] if fallback_note else []
     with routed_forward(brain, qmodel):
         quantized_objective = objective(brain.modules)

@@ -41,7 +41,8 @@ class StageResult:
         Where the quantized model, report and metrics were written.
     modules : torch.nn.Module
         The quantized copy of ``brain.modules`` (for a peer quantizer, e.g.
-        ``quantize: nncf``, its quantized model of ``compute_forward``).
+        ``quantize: nncf``, a module whose ``forward(batch)`` is
+        ``compute_forward`` with its quantized copy, ``.inner``, bound).
     report : esc_plugin.QuantReport or None
         None for a peer quantizer.
     metrics : dict
