@@ -139,13 +139,17 @@ def compare(rows, base, higher_is_better):
 def markdown(meta, rows):
     base, arrow = meta["base"], "↑" if meta["higher_is_better"] else "↓"
     lines = [f"| config | row | {meta['metric']} {arrow} | Δ vs {base} alone | worse than {base} alone | "
-             "calib. objective ↓ | passes as run (s) | time (s) | status |", "|---|---|---|---|---|---|---|---|---|"]
+             "other metrics | calib. objective ↓ | passes as run (s) | time (s) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         num = (lambda v, f: "-" if v is None else format(v, f))
         worse = "**yes**" if r["worse"] else ("-" if r["delta"] is None else "no")
         ran = ", ".join(f"{p['name']} {p['seconds']:.1f}" for p in r.get("ptq") or []) or "-"
+        metrics = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+        others = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                           if k != meta["metric"] and isinstance(v, (int, float))) or "-"
         lines.append(f"| {r['config']} | {r['row']} | {num(r['metric'], '.4g')} | {num(r['delta'], '+.4g')} | "
-                     f"{worse} | {num(r['calib_objective'], '.4g')} | {ran} | {num(r['seconds'], '.1f')} | "
+                     f"{worse} | {others} | {num(r['calib_objective'], '.4g')} | {ran} | {num(r['seconds'], '.1f')} | "
                      f"{r['status'].replace('|', '/').replace(chr(10), ' ')} |")
     return "\n".join(lines)
 
