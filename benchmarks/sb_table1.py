@@ -207,7 +207,8 @@ def same_fp32(rows, fp32):
     if stale:
         print("FP32 result changed (the checkpoint was retrained?): dropping rows of the earlier model: " +
               ", ".join(f"{r['config']} {r['method']}" for r in stale), flush=True)
-    return [r for r in rows if r["config"] != "FP32" and not any(r is s for s in stale)]
+    dropped = {id(r) for r in stale}
+    return [r for r in rows if r["config"] != "FP32" and id(r) not in dropped]
 
 
 def _same_metrics(a, b):

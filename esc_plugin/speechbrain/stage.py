@@ -41,8 +41,7 @@ class StageResult:
         Where the quantized model, report and metrics were written.
     modules : torch.nn.Module
         The quantized copy of ``brain.modules`` (for a peer quantizer, e.g.
-        ``quantize: nncf``, a module whose ``forward(batch)`` is
-        ``compute_forward`` with its quantized copy, ``.inner``, bound).
+        ``quantize: nncf``, the peer's quantized copy).
     report : esc_plugin.QuantReport or None
         None for a peer quantizer.
     metrics : dict
@@ -59,11 +58,6 @@ class StageResult:
     @contextlib.contextmanager
     def applied(self, brain):
         """Run ``brain`` with the quantized modules inside the block."""
-        if self.peer:
-            from .peers import routed_forward
-            with routed_forward(brain, self.modules):
-                yield brain
-            return
         with bound_modules(brain, self.modules):
             yield brain
 
@@ -160,7 +154,7 @@ def quantize_brain(brain, hparams, calib_set, test_set=None, loader_kwargs=None,
     if settings.peer:  # another project's quantizer, evaluated exactly like the calibrators
         from .peers import run_peer_stage
         qmodel, metrics = run_peer_stage(
-            brain, settings, batches, objective, fp32_objective,
+            brain, settings, batches, forward_loop, objective, fp32_objective,
             lambda modules, out: _evaluate(brain, modules, test_set, loader_kwargs, out, objective_spec),
             _float_dict(brain.__dict__.get("test_stats")), test_set, notes)
         return StageResult(folder, qmodel, None, metrics, peer=True)
