@@ -402,6 +402,46 @@ def test_the_guard_also_weighs_the_starts_the_search_did_not_take(kws):
     assert any("chose the start_max" in n or "chose the init" in n for n in q.esc_report.notes)
 
 
+def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(kws):
+    """An objective that rewards clipping prefers the smallest scales (entropy's here). With the
+    gate (default: at most 2x the closest candidate's distance to the FP32 outputs) a candidate
+    beyond it is neither the start nor kept by the guard; without it, the objective alone decides."""
+    from esc_plugin.core.quantizers import ActivationQuantizer
+
+    model, data, loop, objective = kws
+
+    def smallest_scales(m):
+        return sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
+
+    class Split:
+        def __call__(self, m):
+            return smallest_scales(m)
+
+        def split(self, fraction):
+            return smallest_scales, smallest_scales
+
+    names = ("output_mse", "max", "percentile", "entropy", "mse")
+    plain = esc.quantize(model, esc.QuantConfig(bits=8, budget=6, popsize=3, distance_gate=None), loop, Split(),
+                         progress=False)
+    started = [n for n in plain.esc_report.notes if n.startswith("ESC started from")]
+    assert started and "entropy" in started[0] and "n_distance_evaluations" not in plain.esc_report.timings
+    assert not any(k.startswith("distance_") for k in plain.esc_report.objective)
+
+    q = esc.quantize(model, esc.QuantConfig(bits=8, budget=6, popsize=3), loop, Split(), progress=False)
+    obj = q.esc_report.objective
+    distance = {n: obj[f"distance_{n}"] for n in names}
+    far = {n for n in names if distance[n] > 2 * min(distance.values())}
+    assert "entropy" in far and len(far) < len(names)
+    assert q.esc_report.timings["n_distance_evaluations"] == len(names)
+    kept = {r["name"] for r in q.esc_report.selection}
+    assert not kept & {f"start_{n}" for n in far}
+    assert not any(n.startswith("ESC started from the entropy") for n in q.esc_report.notes)
+    assert any(n.startswith("distance gate: left out") and "entropy" in n for n in q.esc_report.notes)
+    for bad in (0.5, float("nan"), True, "2"):
+        with pytest.raises(ConfigError, match="distance_gate"):
+            esc.QuantConfig(distance_gate=bad)
+
+
 # ------------------------------------------------------------------ bias correction and fallback
 
 def test_bias_correction_reduces_the_output_shift_and_reloads(kws, tmp_path):

@@ -86,6 +86,8 @@ class CalibrationContext:
         self._histograms = None
         self.evaluator = Evaluator(objective, model, plan)
         self.selection_objective = None  # a separate held-back objective (from objective.split)
+        self.distance = None  # label-free distance to the FP32 outputs beside a given objective, if wanted
+        self.distance_evaluator = None
         self.model_digest = None
 
     def use_objective(self, objective, selection_objective=None):
@@ -98,6 +100,17 @@ class CalibrationContext:
         if self.selection_objective is None:
             return None
         return Evaluator(self.selection_objective, self.model, self.plan)(amax)
+
+    def distance_of(self, amax):
+        """The distance of the outputs with these amax values to the FP32 outputs (None without one)."""
+        if self.distance is None:
+            return None
+        if self.distance_evaluator is None:
+            self.distance_evaluator = Evaluator(self.distance, self.model, self.plan)
+        value = self.distance_evaluator(amax)
+        self.report.timings["n_distance_evaluations"] = self.distance_evaluator.count
+        self.report.timings["distance_seconds"] = self.distance_evaluator.seconds
+        return value
 
     @property
     def has_objective(self):

@@ -148,14 +148,19 @@ def _collect_statistics(ctx, spec):
 
 def _wants_distill(ctx, spec):
     uses_objective = spec.objective != "none" or "fallback" in ctx.config.ptq
-    return uses_objective and (not ctx.has_objective or ctx.config.distill_weight > 0)
+    # a calibrator that judges candidates by their distance to the FP32 outputs as well (ESC's gate)
+    wants = getattr(spec.cls, "wants_fp32_distance", None)
+    gate = ctx.has_objective and callable(wants) and wants(ctx.config)
+    return uses_objective and (not ctx.has_objective or ctx.config.distill_weight > 0 or gate)
 
 
 def _choose_objective(ctx, spec):
     """Label-free distillation when no objective is given; the selection guard's split."""
     config, report, user = ctx.config, ctx.report, ctx.objective
     split = config.selection_split
-    if ctx.recorder is not None:
+    if ctx.recorder is not None and callable(user) and not config.distill_weight > 0:
+        _use_distance(ctx)  # only the label-free distance is wanted, beside the user's objective
+    elif ctx.recorder is not None:
         holdout = split if split and not callable(user) else 0.0
         distill = DistillObjective(ctx.forward_loop, ctx.recorder.outputs, config.distill, holdout,
                                    ctx.recorder.heads)
@@ -164,6 +169,8 @@ def _choose_objective(ctx, spec):
                             + ("" if not callable(user) else f" x {config.distill_weight} added to the "
                                "given objective"))
         ctx.use_objective(distill if not callable(user) else _Sum(user, distill, config.distill_weight))
+        if callable(user):
+            ctx.distance = distill  # held nothing back: its value is over every calibration sample
         ctx.recorder = None
     if split and callable(getattr(user, "split", None)):
         search, select = user.split(split)
@@ -178,6 +185,16 @@ def _choose_objective(ctx, spec):
     elif split and spec.objective != "none" and ctx.has_objective:
         report.notes.append("selection guard off: the objective cannot be split (give it a split(fraction) "
                             "method, or pass no objective for the label-free distillation objective)")
+
+
+def _use_distance(ctx):
+    """The distillation distance to the FP32 outputs as ``ctx.distance`` (not the objective)."""
+    recorder, ctx.recorder = ctx.recorder, None
+    try:
+        ctx.distance = DistillObjective(ctx.forward_loop, recorder.outputs, ctx.config.distill, 0.0,
+                                        recorder.heads)
+    except CalibrationError as exc:  # e.g. outputs that are not tensors: judge on the objective alone
+        ctx.report.notes.append(f"distance gate off: {exc}")
 
 
 class _Sum:

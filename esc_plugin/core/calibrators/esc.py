@@ -4,8 +4,9 @@ The three steps are separate modules: :mod:`~esc_plugin.core.local_init`
 (Eq. 4), :mod:`~esc_plugin.core.search_driver` (ask/evaluate/tell with
 checkpoints) and :mod:`~esc_plugin.core.selection` (which result is kept).
 With ``QuantConfig(init="best")`` (the default) the baselines' scales are
-extra starting candidates; ``init="output_mse"`` starts from Eq. 4 alone, as
-the paper does.
+extra starting candidates, judged on the objective among those not far from
+the FP32 outputs (``distance_gate``); ``init="output_mse"`` starts from Eq. 4
+alone, as the paper does.
 """
 import time
 
@@ -15,7 +16,7 @@ from ..errors import ObjectiveError
 from ..local_init import local_init
 from ..registry import register_calibrator
 from ..search_driver import SearchDriver, run_fingerprint
-from ..selection import choose
+from ..selection import choose, gate_by_distance
 
 BASELINES = ("max", "percentile", "entropy", "mse")
 
@@ -26,6 +27,11 @@ class EscCalibrator:
     def __init__(self, config):
         self.config = config
         self.starts = []  # [(name, amax, search-part score)] of the start candidates not taken as the init
+
+    @staticmethod
+    def wants_fp32_distance(config):
+        """Whether the pipeline should record the FP32 outputs beside a given objective (the distance gate)."""
+        return config.init == "best" and config.distance_gate is not None
 
     def calibrate(self, ctx):
         cfg, report = self.config, ctx.report
@@ -99,12 +105,14 @@ class EscCalibrator:
                 value = ctx.evaluate(amax)
                 ctx.report.objective[f"start_{name}"] = value
                 candidates.append((name, amax, value))
-                if value < score:
-                    init, score, start = amax, value, name
+            far = gate_by_distance(ctx, candidates, self.config.distance_gate)
+            candidates = [c for c in candidates if c[0] not in far]
+            start, init, score = choose(candidates)  # ties: the earlier candidate, the output-MSE init first
             self.starts = [c for c in candidates if c[0] != start]
             if start != "output_mse":
-                ctx.report.notes.append(f"ESC started from the {start} scales (better objective than the "
-                                        "output-MSE init)")
+                ctx.report.notes.append(f"ESC started from the {start} scales (the best objective of the "
+                                        + ("candidates within the distance gate)" if far else
+                                           "candidates: better than the output-MSE init)"))
         driver = SearchDriver(ctx, init, score, fingerprint)
         driver.save()
         return driver
