@@ -442,6 +442,41 @@ def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(
             esc.QuantConfig(distance_gate=bad)
 
 
+def test_a_resumed_search_weighs_the_same_start_candidates_as_an_uninterrupted_one(kws, tmp_path):
+    """The start candidates and their distances are in the checkpoint: after a crash mid-search the
+    selection guard and the distance gate see what an uninterrupted run sees, and end with its scales."""
+    from esc_plugin.core.quantizers import ActivationQuantizer
+
+    model, data, loop, objective = kws
+    calls = {"n": 0, "crash_at": None}
+
+    def smallest_scales(m):
+        calls["n"] += 1
+        if calls["n"] == calls["crash_at"]:
+            raise KeyboardInterrupt
+        return sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
+
+    class Split:
+        def __call__(self, m):
+            return smallest_scales(m)
+
+        def split(self, fraction):
+            return smallest_scales, smallest_scales
+
+    cfg = dict(bits=8, budget=9, popsize=3)
+    whole = esc.quantize(model, esc.QuantConfig(**cfg), loop, Split(), progress=False)
+    ckpt = tmp_path / "cma.ckpt"
+    calls.update(n=0, crash_at=10)  # 5 start candidates, then mid-way through the 2nd generation
+    with pytest.raises(KeyboardInterrupt):
+        esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, Split(), progress=False)
+    calls["crash_at"] = None
+    resumed = esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, Split(), progress=False)
+    assert any("resumed" in n for n in resumed.esc_report.notes)
+    assert resumed.esc_report.selection == whole.esc_report.selection
+    assert len(whole.esc_report.selection) > 3  # start candidates other than the init were weighed
+    assert [la.final for la in resumed.esc_report.layers] == [la.final for la in whole.esc_report.layers]
+
+
 # ------------------------------------------------------------------ bias correction and fallback
 
 def test_bias_correction_reduces_the_output_shift_and_reloads(kws, tmp_path):

@@ -7,8 +7,8 @@ this process, or on Ray actors; optionally ``batch_candidates`` per forward
 pass) and tells CMA-ES their losses in candidate order, so the scales do not
 depend on where or how many at a time they were evaluated.
 
-Checkpoints hold plain arrays only (the init, and every generation's
-candidates and losses), never pickled objects: resuming rebuilds the search
+Checkpoints hold plain arrays only (the init, every generation's candidates
+and losses, and the calibrator's start candidates), never pickled objects: resuming rebuilds the search
 from its seed and replays the recorded generations, which reproduces the
 uninterrupted run's state exactly (CMA-ES is deterministic given its seed and
 the losses it is told), and loading a checkpoint cannot run code.
@@ -54,6 +54,7 @@ class SearchDriver:
         self.init_objective = init_objective
         self.fingerprint = fingerprint
         self.generations = []  # [{"candidates": (k, N) array, "losses": (k,) array}]
+        self.calibrator_state = {}  # plain tensors / numbers the calibrator needs after the search
 
     def new_search(self):
         c = self.config
@@ -111,7 +112,8 @@ class SearchDriver:
             "generations": [{"candidates": torch.from_numpy(g["candidates"]),
                              "losses": torch.from_numpy(np.asarray(g["losses"], dtype=np.float64)),
                              "selections": torch.from_numpy(np.asarray(g["selections"], dtype=np.float64))}
-                            for g in self.generations]})
+                            for g in self.generations],
+            "calibrator": self.calibrator_state})
 
     @classmethod
     def resume(cls, ctx, fingerprint):
@@ -131,6 +133,7 @@ class SearchDriver:
         driver = cls(ctx, state["init"].numpy(), state["init_objective"], fingerprint)
         driver.generations = [{"candidates": g["candidates"].numpy(), "losses": g["losses"].numpy(),
                                "selections": g["selections"].numpy()} for g in state["generations"]]
+        driver.calibrator_state = state.get("calibrator", {})
         return driver
 
 

@@ -26,19 +26,23 @@ def choose(candidates, keep_best=True):
     return candidates[int(np.argmin(scores))]
 
 
-def gate_by_distance(ctx, candidates, ratio):
+def gate_by_distance(ctx, candidates, ratio, known=None, what="candidates"):
     """``{name: ratio to the closest}`` of the ``[(name, amax, score), ...]`` farther from the FP32
     outputs than ``ratio`` x the closest one.
 
     The distance is the context's label-free one (``ctx.distance_of``), on every
-    calibration sample; each is recorded as ``report.objective["distance_<name>"]``.
+    calibration sample; ``known`` maps names to distances already measured, the
+    others are measured and recorded as ``report.objective["distance_<name>"]``.
     Nothing is left out without a distance, a ratio or any finite distance.
     """
     if ratio is None or ctx.distance is None:
         return {}
-    distances = {name: ctx.distance_of(amax) for name, amax, _ in candidates}
-    for name, d in distances.items():
-        ctx.report.objective[f"distance_{name}"] = d
+    known = known or {}
+    distances = {}
+    for name, amax, _ in candidates:
+        if name not in known:
+            known[name] = ctx.report.objective[f"distance_{name}"] = ctx.distance_of(amax)
+        distances[name] = known[name]
     finite = {n: d for n, d in distances.items() if d is not None and np.isfinite(d)}
     if not finite:
         ctx.report.notes.append("distance gate off: no candidate had a finite distance to the FP32 outputs")
@@ -48,8 +52,8 @@ def gate_by_distance(ctx, candidates, ratio):
            for n, d in distances.items() if n not in finite or d > ratio * finite[closest]}
     if far:
         listed = ", ".join(f"{n} ({r:.3g}x)" for n, r in far.items())
-        ctx.report.notes.append(f"distance gate: left out {listed}: farther from the FP32 outputs than "
-                                f"{ratio:g}x the closest candidate ({closest})")
+        ctx.report.notes.append(f"distance gate: left out the {what} {listed}: farther from the FP32 outputs "
+                                f"than {ratio:g}x the closest ({closest})")
     return far
 
 

@@ -11,6 +11,7 @@ alone, as the paper does.
 import time
 
 import numpy as np
+import torch
 
 from ..errors import ObjectiveError
 from ..local_init import local_init
@@ -27,6 +28,7 @@ class EscCalibrator:
     def __init__(self, config):
         self.config = config
         self.starts = []  # [(name, amax, search-part score)] of the start candidates not taken as the init
+        self.distances = {}  # label-free distance to the FP32 outputs of each candidate measured (the gate)
 
     @staticmethod
     def wants_fp32_distance(config):
@@ -39,6 +41,7 @@ class EscCalibrator:
         driver = SearchDriver.resume(ctx, fingerprint) if cfg.checkpoint else None
         if driver is not None:
             report.notes.append(f"resumed from {cfg.checkpoint} at generation {len(driver.generations)}")
+            self._restore(driver.calibrator_state)
         else:
             driver = self._start(ctx, fingerprint)
         report.objective["init"] = driver.init_objective
@@ -65,8 +68,9 @@ class EscCalibrator:
         report, cfg = ctx.report, self.config
         guarded = ctx.selection_objective is not None or mean_selection is not None
         if not guarded:
-            name, amax, score = choose([("mean", mean, report.objective["final"]),
-                                        ("init", driver.init, driver.init_objective)], cfg.keep_init_if_worse)
+            rows = self._gated([("mean", mean, report.objective["final"]),
+                                ("init", driver.init, driver.init_objective)], ctx)
+            name, amax, score = choose(rows, cfg.keep_init_if_worse)
             if name == "init":
                 report.notes.append("the search mean scored worse than the local init: kept the init")
             return name, amax, score
@@ -76,6 +80,8 @@ class EscCalibrator:
                 ("best_sample", search.best_amax, search.best_loss, search.best_selection),
                 ("init", driver.init, driver.init_objective, None)]
         rows += [(f"start_{name}", amax, score, None) for name, amax, score in self.starts]
+        kept = {r[0] for r in self._gated([(n, a, s) for n, a, s, _ in rows if a is not None], ctx)}
+        rows = [r for r in rows if r[0] in kept]
         scored = []
         for name, amax, score, selection in rows:
             if amax is None:
@@ -93,6 +99,13 @@ class EscCalibrator:
                             f"({chosen[3]:.4g}; search part {chosen[2]:.4g})")
         return name, amax, chosen[2]
 
+    def _gated(self, rows, ctx):
+        """The final candidates within the distance gate (all of them when the start had no gate)."""
+        if not self.distances:
+            return rows
+        far = gate_by_distance(ctx, rows, self.config.distance_gate, self.distances, "final candidates")
+        return [r for r in rows if r[0] not in far]
+
     def _start(self, ctx, fingerprint):
         t = time.perf_counter()
         init = local_init(ctx)
@@ -105,17 +118,28 @@ class EscCalibrator:
                 value = ctx.evaluate(amax)
                 ctx.report.objective[f"start_{name}"] = value
                 candidates.append((name, amax, value))
-            far = gate_by_distance(ctx, candidates, self.config.distance_gate)
+            far = gate_by_distance(ctx, candidates, self.config.distance_gate, self.distances, "start candidates")
             candidates = [c for c in candidates if c[0] not in far]
             start, init, score = choose(candidates)  # ties: the earlier candidate, the output-MSE init first
             self.starts = [c for c in candidates if c[0] != start]
+            self.distances = {("init" if n == start else f"start_{n}"): d for n, d in self.distances.items()}
             if start != "output_mse":
                 ctx.report.notes.append(f"ESC started from the {start} scales (the best objective of the "
                                         + ("candidates within the distance gate)" if far else
                                            "candidates: better than the output-MSE init)"))
         driver = SearchDriver(ctx, init, score, fingerprint)
+        # the guard weighs these after the search: a resumed run must see the same ones
+        driver.calibrator_state = {
+            "starts": [{"name": n, "amax": torch.from_numpy(np.asarray(a, dtype=np.float64)),
+                        "score": np.nan if v is None else float(v)} for n, a, v in self.starts],
+            "distances": {n: np.nan if d is None else float(d) for n, d in self.distances.items()}}
         driver.save()
         return driver
+
+    def _restore(self, state):
+        self.starts = [(s["name"], s["amax"].numpy(), None if np.isnan(s["score"]) else s["score"])
+                       for s in state.get("starts", [])]
+        self.distances = dict(state.get("distances", {}))
 
     @staticmethod
     def _check_finite(ctx):
