@@ -250,7 +250,10 @@ def test_checkpoint_from_other_calibration_data_is_refused(kws, tmp_path):
     ckpt = str(tmp_path / "cma.ckpt")
     esc.quantize(model, esc.QuantConfig(budget=4, popsize=2, checkpoint=ckpt), loop, objective, progress=False)
     state = torch.load(ckpt, weights_only=True)
-    assert set(state) == {"format", "fingerprint", "init", "init_objective", "generations"}
+    assert set(state) == {"format", "fingerprint", "init", "init_objective", "generations", "calibrator"}
+    starts = state["calibrator"]["starts"]  # plain names, tensors and numbers (loaded with weights_only)
+    assert 1 <= len(starts) <= 4 and all(isinstance(s["amax"], torch.Tensor) and isinstance(s["name"], str)
+                                         for s in starts)
 
     def other_loop(m):
         for x in data:
