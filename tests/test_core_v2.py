@@ -435,7 +435,9 @@ def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(
     distance = {n: obj[f"distance_{n}"] for n in names}
     far = {n for n in names if distance[n] > 2 * min(distance.values())}
     assert "entropy" in far and len(far) < len(names)
-    assert q.esc_report.timings["n_distance_evaluations"] == len(names)
+    # the five start candidates, then the search mean and best sample before the guard weighs them
+    assert q.esc_report.timings["n_distance_evaluations"] == len(names) + 2
+    assert {"distance_mean", "distance_best_sample"} <= set(obj)
     kept = {r["name"] for r in q.esc_report.selection}
     assert not kept & {f"start_{n}" for n in far}
     assert not any(n.startswith("ESC started from the entropy") for n in q.esc_report.notes)

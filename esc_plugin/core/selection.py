@@ -37,7 +37,7 @@ def gate_by_distance(ctx, candidates, ratio, known=None, what="candidates"):
     """
     if ratio is None or ctx.distance is None:
         return {}
-    known = known or {}
+    known = {} if known is None else known  # filled in place: the caller keeps the distances
     distances = {}
     for name, amax, _ in candidates:
         if name not in known:
