@@ -405,24 +405,34 @@ def test_the_guard_also_weighs_the_starts_the_search_did_not_take(kws):
     assert any("chose the start_max" in n or "chose the init" in n for n in q.esc_report.notes)
 
 
+class _ClippingObjective:
+    """A splittable objective that rewards clipping: the sum of the activation scales, on both parts
+    (so the selection guard weighs every candidate); ``crash_at``: the call that raises KeyboardInterrupt."""
+
+    def __init__(self, crash_at=None):
+        self.calls, self.crash_at = 0, crash_at
+
+    def scales(self, m):
+        from esc_plugin.core.quantizers import ActivationQuantizer
+
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        return sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
+
+    def __call__(self, m):
+        return self.scales(m)
+
+    def split(self, fraction):
+        return self.scales, self.scales
+
+
 def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(kws):
     """An objective that rewards clipping prefers the smallest scales (entropy's here). With the
     gate (default: at most 2x the closest candidate's distance to the FP32 outputs) a candidate
     beyond it is neither the start nor kept by the guard; without it, the objective alone decides."""
-    from esc_plugin.core.quantizers import ActivationQuantizer
-
     model, data, loop, objective = kws
-
-    def smallest_scales(m):
-        return sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
-
-    class Split:
-        def __call__(self, m):
-            return smallest_scales(m)
-
-        def split(self, fraction):
-            return smallest_scales, smallest_scales
-
+    Split = _ClippingObjective
     names = ("output_mse", "max", "percentile", "entropy", "mse")
     plain = esc.quantize(model, esc.QuantConfig(bits=8, budget=6, popsize=3, distance_gate=None), loop, Split(),
                          progress=False)
@@ -450,32 +460,15 @@ def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(
 def test_a_resumed_search_weighs_the_same_start_candidates_as_an_uninterrupted_one(kws, tmp_path):
     """The start candidates and their distances are in the checkpoint: after a crash mid-search the
     selection guard and the distance gate see what an uninterrupted run sees, and end with its scales."""
-    from esc_plugin.core.quantizers import ActivationQuantizer
-
     model, data, loop, objective = kws
-    calls = {"n": 0, "crash_at": None}
-
-    def smallest_scales(m):
-        calls["n"] += 1
-        if calls["n"] == calls["crash_at"]:
-            raise KeyboardInterrupt
-        return sum(float(q.amax) for q in m.modules() if isinstance(q, ActivationQuantizer) and q.amax is not None)
-
-    class Split:
-        def __call__(self, m):
-            return smallest_scales(m)
-
-        def split(self, fraction):
-            return smallest_scales, smallest_scales
-
     cfg = dict(bits=8, budget=9, popsize=3)
-    whole = esc.quantize(model, esc.QuantConfig(**cfg), loop, Split(), progress=False)
+    whole = esc.quantize(model, esc.QuantConfig(**cfg), loop, _ClippingObjective(), progress=False)
     ckpt = tmp_path / "cma.ckpt"
-    calls.update(n=0, crash_at=10)  # 5 start candidates, then mid-way through the 2nd generation
-    with pytest.raises(KeyboardInterrupt):
-        esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, Split(), progress=False)
-    calls["crash_at"] = None
-    resumed = esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, Split(), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # 5 start candidates, then mid-way through the 2nd generation
+        esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, _ClippingObjective(crash_at=10),
+                     progress=False)
+    resumed = esc.quantize(model, esc.QuantConfig(**cfg, checkpoint=str(ckpt)), loop, _ClippingObjective(),
+                           progress=False)
     assert any("resumed" in n for n in resumed.esc_report.notes)
     assert resumed.esc_report.selection == whole.esc_report.selection
     assert len(whole.esc_report.selection) > 3  # start candidates other than the init were weighed

@@ -136,8 +136,9 @@ class QuantConfig:
         ESC with ``init="best"`` and a given objective: a start candidate
         whose label-free distance to the FP32 outputs (the distillation
         distance on every calibration sample) exceeds ``distance_gate`` times
-        the closest candidate's is neither the start nor a candidate of the
-        selection guard, whatever its objective: on a few calibration samples
+        the closest candidate's is not the start, and a final candidate (the
+        search mean, the best sample, the start and the other start
+        candidates) beyond it is not kept, whatever its objective: on a few calibration samples
         a coarse task metric (an EER over 100 trials, a WER over 9 clips)
         rewards such scales by chance more often than for a real gain. The
         forward loop must repeat the same batches in the same order (as for
