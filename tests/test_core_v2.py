@@ -457,6 +457,26 @@ def test_the_distance_gate_keeps_start_candidates_far_from_the_fp32_outputs_out(
             esc.QuantConfig(distance_gate=bad)
 
 
+def test_the_distance_gate_turns_off_when_the_loop_makes_other_model_calls(kws):
+    """A loop whose model calls depend on the outputs (greedy decoding that stops earlier) gives no
+    distance to compare: the gate is off with the reason, and the search runs on the objective."""
+    model, data, loop, objective = kws
+    runs = []
+
+    def decoding_loop(m):  # like greedy decoding: one more call the first time (the FP32 recording)
+        runs.append(1)
+        loop(m)
+        if len(runs) == 1:
+            loop(m)
+
+    q = esc.quantize(model, esc.QuantConfig(bits=8, budget=6, popsize=3), decoding_loop, _ClippingObjective(),
+                     progress=False)
+    notes = q.esc_report.notes
+    assert any(n.startswith("distance gate off: the forward loop made") for n in notes)
+    assert not any(n.startswith("distance gate: left out") for n in notes)
+    assert q.esc_report.timings["n_evaluations"] >= 6 and len(q.esc_report.selection) > 3
+
+
 def test_a_resumed_search_weighs_the_same_start_candidates_as_an_uninterrupted_one(kws, tmp_path):
     """The start candidates and their distances are in the checkpoint: after a crash mid-search the
     selection guard and the distance gate see what an uninterrupted run sees, and end with its scales."""

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from .errors import ObjectiveError
+from .errors import CalibrationError, ObjectiveError
 from .search import WORST_LOSS
 
 
@@ -107,7 +107,16 @@ class CalibrationContext:
             return None
         if self.distance_evaluator is None:
             self.distance_evaluator = Evaluator(self.distance, self.model, self.plan)
-        value = self.distance_evaluator(amax)
+        try:
+            value = self.distance_evaluator(amax)
+        except ObjectiveError as exc:
+            if not isinstance(exc.__cause__, CalibrationError):
+                raise
+            # e.g. a loop whose model calls depend on the outputs (greedy decoding stops
+            # earlier): no distance to compare, so the gate is off, not the run
+            self.distance = self.distance_evaluator = None
+            self.report.notes.append(f"distance gate off: {exc.__cause__}")
+            return None
         self.report.timings["n_distance_evaluations"] = self.distance_evaluator.count
         self.report.timings["distance_seconds"] = self.distance_evaluator.seconds
         return value
