@@ -41,10 +41,11 @@ def gate_by_distance(ctx, candidates, ratio, known=None, what="candidates"):
     distances = {}
     for name, amax, _ in candidates:
         if name not in known:
-            known[name] = ctx.report.objective[f"distance_{name}"] = ctx.distance_of(amax)
+            value = ctx.distance_of(amax)
+            if ctx.distance is None:  # turned off while measuring (see CalibrationContext.distance_of)
+                return {}
+            known[name] = ctx.report.objective[f"distance_{name}"] = value
         distances[name] = known[name]
-    if ctx.distance is None:  # turned off while measuring (see CalibrationContext.distance_of)
-        return {}
     finite = {n: d for n, d in distances.items() if d is not None and np.isfinite(d)}
     if not finite:
         ctx.report.notes.append("distance gate off: no candidate had a finite distance to the FP32 outputs")
