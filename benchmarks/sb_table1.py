@@ -183,7 +183,10 @@ def main(argv=None):
             else:
                 with open(os.path.join(folder, "metrics.json")) as f:
                     m = json.load(f)
-                rows = same_fp32(rows, m["fp32"])
+                kept = same_fp32(rows, m["fp32"])
+                if len(kept) < len([r for r in rows if r["config"] != "FP32"]):
+                    commands = [_command(args, extra)]  # the earlier commands made the rows just dropped
+                rows = kept
                 rows.append({"config": "FP32", "method": "-", "metrics": m["fp32"], "objective": None,
                              "seconds": None, "names": NAMES})
                 rows.append({"config": f"W{bits}A{bits}", "method": method, "metrics": m["quantized"],

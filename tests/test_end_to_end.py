@@ -193,3 +193,5 @@ def test_sb_table1_marks_failed_rows_and_drops_rows_of_an_earlier_model(tmp_path
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["config"], r["method"]) for r in rows] == [("FP32", "-"), ("W8A8", "max"), ("W8A8", "nncf")]
     assert rows[0]["metrics"] == {"error": 0.3} and rows[1]["fp32"] == {"error": 0.3}
+    md = (out / "results.md").read_text()  # the commands of the dropped rows go with them
+    assert md.count("`python benchmarks/sb_table1.py") == 1 and "--methods max`" in md
