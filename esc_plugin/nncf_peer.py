@@ -84,8 +84,10 @@ class _Calls(torch.nn.Module):
 
 def _quantize_one(nncf, module, calls, subset_size, options):
     """``nncf.quantize`` of ``module`` (a copy the caller made) on its captured calls, as keywords."""
-    if isinstance(module, torch.nn.Sequential):
-        # NNCF registers its hook storage as a child module, which a Sequential would then call as a layer
+    if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ModuleList)):
+        # NNCF registers its hook storage as a child module, which a container whose forward runs its
+        # children in turn would then call as a layer (torch's Sequential, SpeechBrain's Sequential:
+        # a ModuleDict)
         module = _Calls(module)
     return nncf.quantize(module.eval(), nncf.Dataset(calls, dict), subset_size=subset_size or len(calls), **options)
 

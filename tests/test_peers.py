@@ -80,6 +80,32 @@ def test_nncf_peer_quantizes_each_outermost_submodule_the_loop_calls():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_nncf_peer_quantizes_a_speechbrain_sequential_the_loop_calls():
+    # SpeechBrain's Sequential is a ModuleDict whose forward runs every child: NNCF's hook storage
+    # added as a child was called as a layer ("HookStorage is missing the required forward")
+    pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
+    from speechbrain.nnet.containers import Sequential
+    from speechbrain.nnet.linear import Linear
+
+    from peers import nncf_quantize
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.enc = Sequential(Linear(n_neurons=8, input_size=6), nn.ReLU(), Linear(n_neurons=4, input_size=8))
+    model = model.eval()
+    data = [torch.randn(5, 6) for _ in range(3)]
+
+    def loop(m):
+        for x in data:
+            m.enc(x)
+
+    q = nncf_quantize(model, loop)
+    with torch.no_grad():
+        ref, got = model.enc(data[0]), q.enc(data[0])
+    assert q.enc is not model.enc and not torch.equal(ref, got)
+    assert torch.allclose(ref, got, atol=0.1 * float(ref.abs().max()))
+
+
 def test_table_peer_rows_run_at_their_widths_after_the_presets(tmp_path):
     pytest.importorskip("nncf", reason="NNCF is a benchmark extra: pip install -e '.[peers]'")
     from peers import PEERS, missing_peer_packages
