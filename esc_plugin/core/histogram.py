@@ -99,10 +99,12 @@ def histogram_mse(hist, edges, amax, num_bits):
     """
     counts = np.asarray(hist, dtype=np.float64)
     centers = (edges[1:] + edges[:-1]) / 2.0
+    n, seen = len(counts), counts > 0  # empty bins add nothing: leave them out of the (clips x bins) grid
+    counts, centers = counts[seen], centers[seen]
     qmax = 2 ** (num_bits - 1) - 1
     scale = np.maximum(np.atleast_1d(np.asarray(amax, dtype=np.float64)), 1e-12)[:, None] / qmax
     quant = np.clip(np.round(centers[None, :] / scale), -qmax, qmax) * scale
-    mse = ((quant - centers[None, :]) ** 2 * counts[None, :]).mean(axis=1)
+    mse = ((quant - centers[None, :]) ** 2 * counts[None, :]).sum(axis=1) / n
     return mse if np.ndim(amax) else float(mse[0])
 
 
