@@ -332,6 +332,43 @@ def test_esc_without_objective_distills_from_the_fp32_outputs(kws):
                         progress=False).esc_report.layers[0].final == report.layers[0].final  # deterministic
 
 
+
+def test_distillation_ignores_the_masked_outputs_of_the_fp32_model():
+    # FastSpeech 2's aligner returns log-probabilities with -inf over padding: every distance was NaN,
+    # so label-free ESC failed with "NaN or inf for all evaluations"
+    from esc_plugin.core.distill import _kl, _mse
+
+    torch.manual_seed(0)
+    t = torch.randn(3, 5, 6)
+    t[:, 3:, :] = float("-inf")  # padded frames
+    t[:, :, 4:] = float("-inf")  # masked classes
+    q = t.clone()
+    q[:, :3, :4] += 0.1 * torch.randn(3, 3, 4)
+    for distance in (_mse, _kl):
+        d = distance(q, t)
+        assert d.shape == (3,) and torch.isfinite(d).all() and (d > 0).all()
+        assert torch.equal(distance(t.clone(), t), torch.zeros(3))
+        finite = t.clone()
+        finite[torch.isinf(finite)] = 0.0  # all-finite outputs keep the plain formula
+        assert torch.isfinite(distance(q.nan_to_num(neginf=0.0), finite)).all()
+    worse = q.clone()
+    worse[0, 0, 0] = float("inf")  # the quantized model overflows where the FP32 one is finite
+    assert torch.isinf(_mse(worse, t)[0]) and torch.isfinite(_mse(worse, t)[1:]).all()
+
+    class Aligner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            logp = torch.log_softmax(self.fc(x), -1)
+            return logp.masked_fill(torch.arange(6) >= 4, float("-inf"))
+
+    data = [torch.randn(4, 6) for _ in range(3)]
+    q = esc.quantize(Aligner().eval(), esc.QuantConfig(bits=4, budget=8, popsize=4),
+                     lambda m: [m(x) for x in data], progress=False)
+    assert np.isfinite(q.esc_report.objective["chosen"])
+
 def test_distillation_needs_tensor_outputs():
     class Words(nn.Module):
         def __init__(self):
@@ -476,6 +513,21 @@ def test_the_distance_gate_turns_off_when_the_loop_makes_other_model_calls(kws):
     assert not any(n.startswith("distance gate: left out") for n in notes)
     assert q.esc_report.timings["n_evaluations"] >= 6 and len(q.esc_report.selection) > 3
 
+
+
+def test_the_distance_gate_is_off_with_its_reason_when_no_distance_is_finite():
+    # a non-finite distance reaches the gate as the evaluator's WORST_LOSS: all of them "equal" left
+    # every candidate in, silently, instead of saying the gate could not measure anything
+    from types import SimpleNamespace
+
+    from esc_plugin.core.search import WORST_LOSS
+    from esc_plugin.core.selection import gate_by_distance
+
+    ctx = SimpleNamespace(distance=object(), report=SimpleNamespace(notes=[], objective={}))
+    rows = [("init", np.ones(2), 1.0), ("start_max", np.ones(2), 2.0)]
+    assert gate_by_distance(ctx, rows, 2.0, {"init": WORST_LOSS, "start_max": WORST_LOSS}) == {}
+    assert ctx.report.notes == ["distance gate off: no candidate had a finite distance to the FP32 outputs"]
+    assert gate_by_distance(ctx, rows, 2.0, {"init": 1.0, "start_max": WORST_LOSS}) == {"start_max": WORST_LOSS}
 
 def test_a_resumed_search_weighs_the_same_start_candidates_as_an_uninterrupted_one(kws, tmp_path):
     """The start candidates and their distances are in the checkpoint: after a crash mid-search the

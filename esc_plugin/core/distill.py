@@ -89,18 +89,42 @@ def _rows(x):
 
 
 def _kl(q, t):
-    """Per-row (first dimension) KL of softmax over the last dimension."""
+    """Per-row (first dimension) KL of softmax over the last dimension.
+
+    Classes the FP32 model gives no probability (a ``-inf`` logit: a masked
+    softmax, e.g. an aligner's log-probabilities over padding) add nothing,
+    as in the KL itself; ``F.kl_div`` would make them NaN.
+    """
     if t.dim() < 2 or t.shape[-1] < 2:
         return _mse(q, t)
-    kl = F.kl_div(F.log_softmax(q, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="none").sum(-1)
+    t_log, q_log = F.log_softmax(t, dim=-1), F.log_softmax(q, dim=-1)
+    if bool(torch.isfinite(t_log).all()):
+        kl = F.kl_div(q_log, t_log, log_target=True, reduction="none").sum(-1)
+    else:
+        kl = torch.where(torch.isfinite(t_log), t_log.exp() * (t_log - q_log), 0.0).sum(-1)
     return kl.reshape(kl.shape[0], -1).mean(1) if kl.dim() > 1 else kl
 
 
 def _mse(q, t):
-    """Per-row squared error, normalised by the target's mean square over the whole call."""
-    err = ((q - t) ** 2)
-    err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 1 else err.reshape(-1)
-    return err / ((t ** 2).mean() + _EPS)
+    """Per-row squared error, normalised by the target's mean square over the whole call.
+
+    Elements where the FP32 output is not finite (``-inf`` fill of masked
+    positions) are not compared: no scale can match them, and one of them
+    would make every candidate's distance NaN. Where the FP32 output is
+    finite and the quantized one is not, the distance is infinite.
+    """
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        err = ((q - t) ** 2)
+        err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 1 else err.reshape(-1)
+        return err / ((t ** 2).mean() + _EPS)
+    err = torch.where(finite, q - t, 0.0) ** 2
+    if err.dim() > 1:
+        kept = finite.reshape(finite.shape[0], -1).sum(1).clamp_min(1)
+        err = err.reshape(err.shape[0], -1).sum(1) / kept
+    else:
+        err = err.reshape(-1)
+    return err / ((t[finite] ** 2).mean() + _EPS) if bool(finite.any()) else err
 
 
 class DistillObjective:

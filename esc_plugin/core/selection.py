@@ -8,6 +8,8 @@ is kept, ties going to the earlier candidate (the paper's choice).
 """
 import numpy as np
 
+from .search import WORST_LOSS
+
 
 def choose(candidates, keep_best=True):
     """Pick one of ``[(name, amax, score), ...]`` (the first is the paper's choice).
@@ -46,7 +48,8 @@ def gate_by_distance(ctx, candidates, ratio, known=None, what="candidates"):
                 return {}
             known[name] = ctx.report.objective[f"distance_{name}"] = value
         distances[name] = known[name]
-    finite = {n: d for n, d in distances.items() if d is not None and np.isfinite(d)}
+    # the evaluator reports a non-finite distance as WORST_LOSS, which must not count as measured
+    finite = {n: d for n, d in distances.items() if d is not None and np.isfinite(d) and d < WORST_LOSS}
     if not finite:
         ctx.report.notes.append("distance gate off: no candidate had a finite distance to the FP32 outputs")
         return {}
