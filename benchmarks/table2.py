@@ -123,13 +123,19 @@ def row_config(base, bits, passes, overrides):
                       **overrides)
 
 
+def row_base(row):
+    """The preset a row's passes were added to: its name before the first ``+`` or ``[``."""
+    return row["row"].split("+")[0].split("[")[0]
+
+
 def compare(rows, base, higher_is_better):
-    """Set each row's ``delta`` (metric − the base row's at the same bits and ``--set`` settings) and
-    ``worse`` flag."""
-    ref = {(r["config"], r.get("tag", "")): r["metric"] for r in rows
-           if r["row"] == base + r.get("tag", "") and r["metric"] is not None}
+    """Set each row's ``delta`` (metric − its base row's at the same bits and ``--set`` settings) and
+    ``worse`` flag. ``base`` is the latest run's; rows of runs with another ``--base`` in the same
+    folder are compared with their own base alone, never with this one."""
+    ref = {(r["config"], r.get("tag", ""), row_base(r)): r["metric"] for r in rows
+           if r["row"] == row_base(r) + r.get("tag", "") and r["metric"] is not None}
     for r in rows:
-        b = ref.get((r["config"], r.get("tag", "")))
+        b = ref.get((r["config"], r.get("tag", ""), row_base(r)))
         ok = r["metric"] is not None and b is not None and r["row"] != "FP32"
         r["delta"] = r["metric"] - b if ok else None
         r["worse"] = bool(ok and (r["delta"] < 0 if higher_is_better else r["delta"] > 0))
@@ -137,7 +143,9 @@ def compare(rows, base, higher_is_better):
 
 
 def markdown(meta, rows):
-    base, arrow = meta["base"], "↑" if meta["higher_is_better"] else "↓"
+    bases = {row_base(r) for r in rows if r["row"] != "FP32"}
+    base = meta["base"] if bases <= {meta["base"]} else "its base"
+    arrow = "↑" if meta["higher_is_better"] else "↓"
     lines = [f"| config | row | {meta['metric']} {arrow} | Δ vs {base} alone | worse than {base} alone | "
              "other metrics | calib. objective ↓ | passes as run (s) | time (s) | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -161,6 +161,14 @@ def test_compare_flags_rows_worse_than_the_base_in_the_metric_direction():
     assert up["FP32FP32"]["delta"] is None
     down = {r["row"]: r for r in table2.compare(rows()[:3], "esc", higher_is_better=False)}
     assert not down["esc+a"]["worse"] and down["esc+b"]["worse"]
+    # a folder with runs of two --base presets: each row against its own base alone
+    mixed = rows()[:3] + [{"config": "W4A4", "row": "esc_paper", "metric": 70.0},
+                          {"config": "W4A4", "row": "esc_paper+a", "metric": 75.0}]
+    both = {r["row"]: r for r in table2.compare(mixed, "esc_paper", higher_is_better=True)}
+    assert both["esc"]["delta"] == 0 and both["esc+a"]["delta"] == -2.0 and both["esc_paper+a"]["delta"] == 5.0
+    assert "Δ vs its base alone" in table2.markdown(
+        {"base": "esc_paper", "higher_is_better": True, "metric": "accuracy"},
+        [dict(r, status="ok", calib_objective=None, seconds=None) for r in both.values()])
 
 
 def test_a_recipe_error_is_read_from_its_own_run_not_an_earlier_row(tmp_path):
