@@ -169,7 +169,8 @@ def write_results(out, meta, rows):
     provs = [r["provenance"] for r in rows if r.get("provenance")]
     commands = list(dict.fromkeys("python " + " ".join(p["command"]) for p in provs))
     commits = sorted({f"{p['commit']}{' (uncommitted changes)' if p['dirty'] else ''}" for p in provs})
-    md = (f"### {meta['name']}: {meta['base']} alone vs {meta['base']} + each PTQ pass "
+    bases = " / ".join(sorted({row_base(r) for r in rows if r["row"] != "FP32"} | {meta["base"]}))
+    md = (f"### {meta['name']}: {bases} alone vs {bases} + each PTQ pass "
           f"(objective: {meta['objective']})\n\n{markdown(meta, rows)}\n\n" +
           "".join(f"Command: `{c}`  \n" for c in commands) + f"Rows from commit(s): {', '.join(commits)}\n")
     write_bytes(os.path.join(out, "results.md"), md.encode())
