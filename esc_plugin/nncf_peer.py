@@ -22,6 +22,7 @@ Example (needs ``pip install nncf``; its first call compiles a C++ extension)::
 """
 import copy
 import inspect
+import os
 
 import torch
 
@@ -93,6 +94,9 @@ def _quantize_one(nncf, module, calls, subset_size, options):
 
 
 def import_nncf():
+    # NNCF compiles a C++ extension on its first torch call and gives up after 60 s by default,
+    # which a loaded 2-core machine exceeds; a value the user set is kept
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     try:
         import nncf
     except ImportError as exc:
