@@ -88,24 +88,38 @@ def _rows(x):
     return x.reshape(1, -1) if x.dim() == 0 else x.reshape(x.shape[0], -1) if x.dim() == 1 else x
 
 
-def _kl(q, t):
+def _finite(t):
+    """``None`` when every element of an FP32 output is finite, else its mask of finite elements.
+
+    The targets never change, so :class:`DistillObjective` computes this once per target
+    rather than in every evaluation of the search.
+    """
+    finite = torch.isfinite(t)
+    return None if bool(finite.all()) else finite
+
+
+_MEASURE = object()  # "compute the mask here" (direct calls), as opposed to a precomputed None / mask
+
+
+def _kl(q, t, finite=_MEASURE):
     """Per-row (first dimension) KL of softmax over the last dimension.
 
     Classes the FP32 model gives no probability (a ``-inf`` logit: a masked
     softmax, e.g. an aligner's log-probabilities over padding) add nothing,
     as in the KL itself; ``F.kl_div`` would make them NaN.
     """
+    finite = _finite(t) if finite is _MEASURE else finite
     if t.dim() < 2 or t.shape[-1] < 2:
-        return _mse(q, t)
+        return _mse(q, t, finite)
     t_log, q_log = F.log_softmax(t, dim=-1), F.log_softmax(q, dim=-1)
-    if bool(torch.isfinite(t_log).all()):
+    if finite is None:
         kl = F.kl_div(q_log, t_log, log_target=True, reduction="none").sum(-1)
-    else:
-        kl = torch.where(torch.isfinite(t_log), t_log.exp() * (t_log - q_log), 0.0).sum(-1)
+    else:  # t_log is finite exactly where t is (a row of only -inf is masked either way)
+        kl = torch.where(finite & torch.isfinite(t_log), t_log.exp() * (t_log - q_log), 0.0).sum(-1)
     return kl.reshape(kl.shape[0], -1).mean(1) if kl.dim() > 1 else kl
 
 
-def _mse(q, t):
+def _mse(q, t, finite=_MEASURE):
     """Per-row squared error, normalised by the target's mean square over the whole call.
 
     Elements where the FP32 output is not finite (``-inf`` fill of masked
@@ -113,8 +127,8 @@ def _mse(q, t):
     would make every candidate's distance NaN. Where the FP32 output is
     finite and the quantized one is not, the distance is infinite.
     """
-    finite = torch.isfinite(t)
-    if bool(finite.all()):
+    finite = _finite(t) if finite is _MEASURE else finite
+    if finite is None:
         err = ((q - t) ** 2)
         err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 1 else err.reshape(-1)
         return err / ((t ** 2).mean() + _EPS)
@@ -156,6 +170,7 @@ class DistillObjective:
                 "tensor (or a tuple/dict of tensors) for the forward loop's calls, or pass an objective "
                 "(a callable objective(model) -> float).")
         self.forward_loop, self.targets, self.kind = forward_loop, targets, kind
+        self.finite = [[_finite(t) for t in ts] for ts in targets]  # once: the targets never change
         # per call: KL for head outputs when kind is "auto", else the kind asked for
         heads = heads if heads is not None else [False] * len(targets)
         self.kinds = [("kl" if h else "mse") if kind == "auto" else kind for h in heads]
@@ -185,9 +200,11 @@ class DistillObjective:
                 "FP32 targets were recorded: the distillation objective needs a deterministic loop (same "
                 "batches, same order) — e.g. no shuffling dataloader.")
         search, held = [], []
-        for got, want, mask, kind in zip(recorder.outputs, self.targets, self.held, self.kinds):
+        for got, want, finite, mask, kind in zip(recorder.outputs, self.targets, self.finite, self.held,
+                                                 self.kinds):
             distance = _kl if kind == "kl" else _mse
-            per_row = sum(distance(q.to(t.device), t).cpu() for q, t in zip(got, want)) / max(len(want), 1)
+            per_row = sum(distance(q.to(t.device), t, f).cpu() for q, t, f in zip(got, want, finite)) / max(
+                len(want), 1)
             if per_row.numel() != mask.numel():  # outputs without a batch dimension: the call is one row
                 per_row, mask = per_row.mean().reshape(1), mask[:1]
             search.append(per_row[~mask])
