@@ -204,6 +204,23 @@ def test_weights_per_channel_symmetric(setup):
     assert torch.allclose(qw.abs().amax(1), w.abs().amax(1), rtol=1e-5)  # max maps to the top level
 
 
+def test_fake_quant_in_place_equals_the_plain_arithmetic_and_keeps_autograd():
+    from esc_plugin.core.numerics import fake_quant
+
+    x = torch.randn(64, 33) * torch.logspace(-2, 2, 33)
+    for amax, bits in [(0.7, 4), (3.0, 8), (torch.rand(33) + 0.1, 8)]:
+        scale = amax / (2 ** (bits - 1) - 1)
+        plain = torch.clamp(torch.round(x / scale), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) * scale
+        before = x.clone()
+        assert torch.equal(fake_quant(x, amax, bits), plain)  # bit for bit
+        assert torch.equal(x, before)  # the input is never written
+    w = x.clone().requires_grad_()
+    out = fake_quant(w, 1.0, 8)
+    assert out.requires_grad
+    out.sum().backward()  # the autograd path keeps its intermediate values
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))  # round has a zero derivative
+
+
 def test_bad_input_errors(setup):
     model, data, loop, objective = setup
     state = _state(model)

@@ -18,7 +18,8 @@ def _output_error(point, inputs, refs, amax, num_bits):
     for x, ref in zip(inputs, refs):
         # quantize in float32 (half models: same grid as the deployed int8), apply in the op's dtype
         xq = fake_quant(x.float(), amax, num_bits).to(x.dtype)
-        err += float(((point.output(xq, True).float() - ref) ** 2).sum())
+        # in place: the output is a fresh tensor (or xq itself, for weightless sites), never ref
+        err += float(point.output(xq, True).float().sub_(ref).square_().sum())
     return err if np.isfinite(err) else np.inf
 
 

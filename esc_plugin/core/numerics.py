@@ -22,4 +22,9 @@ def fake_quant(x, amax, num_bits):
     """
     qmax = 2 ** (num_bits - 1) - 1
     scale = amax / qmax
-    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    q = x / scale
+    if q.requires_grad:  # autograd keeps the intermediate values
+        return torch.clamp(torch.round(q), -qmax, qmax) * scale
+    # The same operations in place: the searches call this for every candidate on
+    # large samples, where allocating three more tensors costs more than the arithmetic.
+    return q.round_().clamp_(-qmax, qmax).mul_(scale)
