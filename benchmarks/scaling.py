@@ -1,6 +1,8 @@
 """Scaling the ESC search (issue #12): evaluations/s and ESC wall-clock, serial vs Ray vs batching.
 
-Rows per model: the serial executor (torch's own threads, as a user runs it),
+Rows per model: the serial executor (torch's own threads, as a user runs it;
+then one thread; then one thread in a fresh process that keeps freed memory,
+``esc_plugin.keep_freed_memory()``, which every Ray actor does in its own process),
 Ray with 1 and 2 workers (a local runtime of ``--ray-cpus`` CPUs, actors
 started fresh for each row, so their start-up is in the wall-clock), and
 population batching ``batch_candidates`` = 1 / 4 / 16 on the serial
@@ -94,11 +96,40 @@ def run_row(model, loop, objective, options, budget):
             "history": [h["loss"] for h in q.esc_report.history]}
 
 
+FRESH_PROCESS = "fresh process keeping freed memory"
+
+
+def run_row_in_fresh_process(name, args, options):
+    """The row in a new interpreter that calls ``esc_plugin.keep_freed_memory()`` first, as each Ray actor
+    does (the settings cannot be undone, so never in this process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    options = {k: v for k, v in options.items() if k != FRESH_PROCESS}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        row = pool.submit(_fresh_row, name, args.device, args.shared, options, args.budget).result()
+    row["options"][FRESH_PROCESS] = True
+    return row
+
+
+def _fresh_row(name, device, shared, options, budget):
+    from esc_plugin.core.allocator import keep_freed_memory
+
+    if not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() does not apply on this machine (not glibc, or MALLOC_* tuning set)")
+    torch.set_num_threads(1)  # as in run_row: the row's thread count, from the start
+    model, loop, objective, _ = build(name, device, shared)
+    return run_row(model, loop, objective, options, budget)
+
+
 def bench_model(name, args, ray):
     model, loop, objective, description = build(name, args.device, args.shared)
     gpu = {"num_gpus_per_worker": 1} if args.device == "cuda" else {}
     # torch's own threads use both cores of a small machine well; one thread is what each Ray actor gets
-    rows = [("serial", {}), ("serial, 1 torch thread", {"threads": 1})]
+    rows = [("serial", {}), ("serial, 1 torch thread", {"threads": 1}),
+            # what each Ray actor does in its own process (see esc_plugin/core/allocator.py), done here in a
+            # fresh one, so the comparison with the actors is like for like and this process stays as a user's
+            ("serial, 1 torch thread, freed memory kept", {"threads": 1, FRESH_PROCESS: True})]
     rows += [(f"ray {w} worker{'s' if w > 1 else ''}", {"executor": "ray", "workers": w, **gpu})
              for w in args.workers]
     rows += [(f"batch k={k}", {"batch_candidates": k}) for k in args.batch if k > 1]
@@ -112,7 +143,8 @@ def bench_model(name, args, ray):
             release_workers()  # fresh actors: their start-up is part of the wall-clock
         print(f"[{name}] {label} ...", flush=True)
         try:
-            row = run_row(model, loop, objective, options, args.budget)
+            row = (run_row_in_fresh_process(name, args, options) if options.get(FRESH_PROCESS)
+                   else run_row(model, loop, objective, options, args.budget))
         except BatchingError as exc:  # a model that cannot be batched: recorded, the other rows still run
             out.append({"row": label, "options": options, "error": str(exc)})
             print(f"[{name}] {label}: {exc}", flush=True)
@@ -255,7 +287,10 @@ def main(argv=None):
               "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), torch threads "
                          f"{torch.get_num_threads()}, Ray runtime of {args.ray_cpus} CPUs"
                          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ", no GPU"),
-              "models": [], "notes": []}
+              "models": [], "notes": ["Every Ray actor keeps freed memory in its process "
+                                      "(esc_plugin.keep_freed_memory()); this process does not, so the "
+                                      "serial rows are as a user's script runs them, and the row "
+                                      "'freed memory kept' is the serial search with the actors' settings."]}
     try:
         for name in args.models:
             result["models"].append(bench_model(name, args, ray))

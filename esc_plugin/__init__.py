@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = ["quantize", "save", "load", "QuantConfig", "QuantReport", "ScaleSearch", "METHODS",
            "register_calibrator", "register_transform", "calibrator_names", "transform_names",
            "CalibrationContext", "SplitObjective", "preset_names", "config_for", "label_of",
-           "QuantizationError", "ConfigError", "CalibrationError", "ObjectiveError"]
+           "QuantizationError", "ConfigError", "CalibrationError", "ObjectiveError", "keep_freed_memory"]
 
 
 def __getattr__(name):

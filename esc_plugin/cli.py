@@ -235,7 +235,10 @@ def main(argv=None):
     from esc_plugin.runner import markdown_table, quantize_task, run_table
     from esc_plugin.tasks import get_task
 
+    from esc_plugin.core.allocator import keep_freed_memory
+
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    keep_freed_memory()  # this command's own process: repeated evaluations reuse their memory
     progress = not args.no_progress
     if args.command == "demo":
         print("Building the demo task (synthesised keywords, small Conv+attention model)...", flush=True)

@@ -4,6 +4,7 @@ Real honk model and Speech Commands audio, a real local Ray runtime (2 CPUs)
 and real actor processes (one is killed with SIGKILL); no mocks.
 """
 import os
+import platform
 import signal
 import sys
 import threading
@@ -197,6 +198,11 @@ def test_ray_workers_give_the_serial_scales_and_history(honk, ray_runtime):
         assert history == serial[1], workers
     scales, history = _search(honk, executor="ray", workers=2, batch_candidates=3)
     assert np.array_equal(scales, serial[0]) and history == serial[1]
+    # the actors' processes kept freed memory (this one did not): same answer
+    from esc_plugin.core.executors import ray_actors
+
+    idle = [actor for pool in ray_actors._IDLE.values() for _, actor in pool]
+    assert idle and ray.get([a.allocator.remote() for a in idle]) == [platform.libc_ver()[0] == "glibc"] * len(idle)
 
 
 class StallOnce:

@@ -10,7 +10,8 @@ _WHERE = {"quantize": "api", "save": "api", "load": "api", "QuantConfig": "confi
           "calibrator_names": "registry", "transform_names": "registry", "CalibrationContext": "context",
           "preset_names": "presets", "SplitObjective": "selection", "config_for": "presets", "label_of": "presets",
           "QuantReport": "report", "ScaleSearch": "search", "QuantizationError": "errors",
-          "ConfigError": "errors", "CalibrationError": "errors", "ObjectiveError": "errors"}
+          "ConfigError": "errors", "CalibrationError": "errors", "ObjectiveError": "errors",
+          "keep_freed_memory": "allocator"}
 __all__ = list(_WHERE)
 
 

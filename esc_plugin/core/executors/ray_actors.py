@@ -18,6 +18,9 @@ the number of workers or on which worker evaluated what.
   (without its model) and the next search in this process reuses them, which
   saves their start-up (importing torch); ``ray.shutdown()`` or
   :func:`release_workers` ends them.
+* Each actor keeps freed heap memory in its process
+  (:func:`~esc_plugin.core.allocator.keep_freed_memory`), so its evaluations
+  do not page-fault the activation buffers back in every time.
 * Each actor reserves one CPU and ``num_gpus_per_worker`` GPUs (1: one
   actor per GPU; Ray sets its ``CUDA_VISIBLE_DEVICES``, so a model on
   ``cuda:0`` runs on the actor's own GPU).
@@ -81,8 +84,15 @@ class EvaluationWorker:
     def __init__(self):
         import torch
 
+        from ..allocator import keep_freed_memory
+
         torch.set_grad_enabled(False)
         self.evaluator = None
+        self.keeps_freed_memory = keep_freed_memory()  # the actor's own process: see core/allocator.py
+
+    def allocator(self):
+        """Whether this actor's process keeps freed memory (:func:`~esc_plugin.core.allocator.keep_freed_memory`)."""
+        return self.keeps_freed_memory
 
     def load(self, evaluator):
         """This search's evaluator (the quantized copy, plan and objective), deserialised once."""
