@@ -1,7 +1,7 @@
 """Scaling the ESC search (issue #12): evaluations/s and ESC wall-clock, serial vs Ray vs batching.
 
 Rows per model: the serial executor (torch's own threads, as a user runs it;
-then one thread; then one thread in a fresh process that keeps freed memory,
+then one thread; then both again in a fresh process that keeps freed memory,
 ``esc_plugin.keep_freed_memory()``, which every Ray actor does in its own process),
 Ray with 1 and 2 workers (a local runtime of ``--ray-cpus`` CPUs, actors
 started fresh for each row, so their start-up is in the wall-clock), and
@@ -117,7 +117,7 @@ def _fresh_row(name, device, shared, options, budget):
 
     if not keep_freed_memory():
         raise SystemExit("keep_freed_memory() does not apply on this machine (not glibc, or MALLOC_* tuning set)")
-    torch.set_num_threads(1)  # as in run_row: the row's thread count, from the start
+    torch.set_num_threads(options.get("threads") or torch.get_num_threads())  # the row's threads, from the start
     model, loop, objective, _ = build(name, device, shared)
     return run_row(model, loop, objective, options, budget)
 
@@ -129,6 +129,7 @@ def bench_model(name, args, ray):
     rows = [("serial", {}), ("serial, 1 torch thread", {"threads": 1}),
             # what each Ray actor does in its own process (see esc_plugin/core/allocator.py), done here in a
             # fresh one, so the comparison with the actors is like for like and this process stays as a user's
+            ("serial, freed memory kept", {FRESH_PROCESS: True}),
             ("serial, 1 torch thread, freed memory kept", {"threads": 1, FRESH_PROCESS: True})]
     rows += [(f"ray {w} worker{'s' if w > 1 else ''}", {"executor": "ray", "workers": w, **gpu})
              for w in args.workers]
@@ -284,7 +285,7 @@ def main(argv=None):
     ray.init(num_cpus=args.ray_cpus, num_gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False)
     result = {"provenance": provenance(), "device": args.device,
-              "machine": f"{os.cpu_count()} CPU cores (shared with other jobs), torch threads "
+              "machine": f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.2f} at the start), torch threads "
                          f"{torch.get_num_threads()}, Ray runtime of {args.ray_cpus} CPUs"
                          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ", no GPU"),
               "models": [], "notes": ["Every Ray actor keeps freed memory in its process "
