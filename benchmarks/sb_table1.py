@@ -206,7 +206,7 @@ def same_fp32(rows, fp32):
     """
     old = next((r["metrics"] for r in rows if r["config"] == "FP32"), None)
     stale = [r for r in rows if r["config"] != "FP32" and not r.get("failed") and
-             not _same_metrics(r.get("fp32", old), fp32)]
+             not same_metrics(r.get("fp32", old), fp32)]
     if stale:
         print("FP32 result changed (the checkpoint was retrained?): dropping rows of the earlier model: " +
               ", ".join(f"{r['config']} {r['method']}" for r in stale), flush=True)
@@ -214,8 +214,8 @@ def same_fp32(rows, fp32):
     return [r for r in rows if r["config"] != "FP32" and id(r) not in dropped]
 
 
-def _same_metrics(a, b):
-    # the same checkpoint evaluated again: equal up to float summation order
+def same_metrics(a, b):
+    """The same checkpoint evaluated again: equal up to float summation order (table2.py uses it too)."""
     if not a or set(a) != set(b):
         return a == b
     return all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-9) if isinstance(a[k], (int, float)) and

@@ -50,6 +50,7 @@ from esc_plugin.core.io import write_bytes, write_json  # noqa: E402
 from esc_plugin.core.presets import config_for, preset_options  # noqa: E402
 from esc_plugin.core.registry import STAGES, get_transform, transform_names  # noqa: E402
 from esc_plugin.runner import provenance  # noqa: E402
+from sb_table1 import same_metrics  # noqa: E402
 
 # fallback leaves the most sensitive ops in float: accuracy control, not a PTQ method of Table 2
 NOT_TABLE2 = ("fallback",)
@@ -179,6 +180,20 @@ def write_results(out, meta, rows):
 def merge(rows, new):
     """``rows`` with ``new`` replacing the row of the same config and name."""
     return [r for r in rows if (r["config"], r["row"]) != (new["config"], new["row"])] + [new]
+
+
+def rows_of_this_fp32(rows, fp32, fresh):
+    """``rows`` less those measured against another FP32 model (the recipe was retrained, e.g. on
+    another machine): one table never compares passes across two models. ``fresh``: the
+    ``(config, row)`` keys measured in this run, which are kept."""
+    old = next((r for r in rows if r["row"] == "FP32"), None)
+    if old is None or same_metrics(old.get("metrics"), fp32.get("metrics")):
+        return rows
+    stale = [r for r in rows if r["row"] != "FP32" and (r["config"], r["row"]) not in fresh]
+    if stale:
+        print("FP32 result changed (the checkpoint was retrained?): dropping rows of the earlier model: "
+              + ", ".join(f"{r['config']} {r['row']}" for r in stale), flush=True)
+    return [r for r in rows if r["row"] != "FP32" and all(r is not s for s in stale)]
 
 
 def previous_rows(out, name):
@@ -341,7 +356,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     meta, fp32, run = (task_backend(args, overrides) if args.task else recipe_backend(args, overrides, extra))
     meta.update({"base": args.base, "objective": args.objective})
-    rows = previous_rows(args.out, meta["name"])
+    rows, fresh = previous_rows(args.out, meta["name"]), set()
     for bits in args.bits:
         for name, passes in specs:
             t = time.perf_counter()
@@ -351,8 +366,9 @@ def main(argv=None):
                 row = failed_row(f"W{bits}A{bits}", name, passes, e, prov)
             row["provenance"], row["wall_seconds"], row["tag"] = prov, time.perf_counter() - t, tag
             rows = merge(rows, row)
+            fresh.add((row["config"], row["row"]))
             if fp32:
-                rows = merge(rows, dict(fp32, provenance=prov))
+                rows = merge(rows_of_this_fp32(rows, fp32, fresh), dict(fp32, provenance=prov))
             rows.sort(key=_row_order)
             write_results(args.out, meta, rows)  # after every row: a later failure keeps the earlier ones
             print(f"{meta['name']} W{bits}A{bits} {name}: {row['status']} metric={row['metric']} "

@@ -106,6 +106,27 @@ def test_rows_base_then_passes_not_applicable_and_delta(tmp_path, toy):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # FP32 model untouched
 
 
+def test_rows_of_another_fp32_model_are_dropped_on_rerun(tmp_path, toy, capsys):
+    """A recipe retrained into the run folder (e.g. on another machine) is another FP32 model: rows
+    measured against the earlier one must not sit in the same table as the new ones."""
+    table2 = _table2()
+    out = tmp_path / "out"
+    common = ["--task", "toy_table2_task:build", "--out", str(out), "--bits", "8", "--budget", "6"]
+    assert table2.main(common + ["--passes", "bias_correction"]) == 0
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    fp32 = next(r for r in results["rows"] if r["row"] == "FP32")
+    assert table2.main(common + ["--passes"]) == 0  # the same model again: every row kept
+    assert [r["row"] for r in json.loads(path.read_text())["rows"]] == ["FP32", "esc", "esc+bias_correction"]
+    fp32["metrics"] = {k: v + 1.0 for k, v in fp32["metrics"].items()}  # as if measured on an earlier model
+    path.write_text(json.dumps(results))
+    assert table2.main(common + ["--passes"]) == 0  # ESC alone only
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["FP32", "esc"]
+    assert rows[0]["metrics"] != fp32["metrics"]
+    assert "dropping rows of the earlier model: W8A8 esc+bias_correction" in capsys.readouterr().out
+
+
 def test_set_rows_are_named_with_their_settings_and_compared_to_their_own_base(tmp_path, toy):
     table2 = _table2()
     out = tmp_path / "out"
