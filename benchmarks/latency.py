@@ -130,8 +130,15 @@ def describe_machine(load_note=""):
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "not installed"
+    try:
+        from esc_plugin.export import int8_kernels_exact
+
+        exact = bool(int8_kernels_exact())
+    except ImportError:  # onnxruntime missing
+        exact = None
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "isa": [f for f in wanted if f in flags], "platform": platform.platform(),
+            "ort_int8_kernels_exact": exact,
             "load_average_start": [round(v, 2) for v in os.getloadavg()],
             "load_note": load_note, "versions": versions}
 
@@ -598,7 +605,7 @@ def _profile_lines(p):
     return lines
 
 
-def _check_line(checks):
+def _check_line(checks, exact=None):
     def worst(key, field):
         return max(x[key][field] for x in checks if key in x)
 
@@ -610,8 +617,12 @@ def _check_line(checks):
         text += f"; ORT FP32 vs PyTorch rel. L2 ≤ {worst('ort_fp32_vs_pytorch_fp32', 'rel_l2'):.3g}"
     if any("ov_int8_vs_ort_int8" in x for x in checks):
         text += (f"; OpenVINO FP32 vs ORT FP32 rel. L2 ≤ {worst('ov_fp32_vs_ort_fp32', 'rel_l2'):.3g}, OpenVINO "
-                 f"INT8 vs ORT INT8 ≤ {worst('ov_int8_vs_ort_int8', 'rel_l2'):.3g} (ORT's fused int8 kernels "
-                 "saturate on AVX2 CPUs without VNNI: esc_plugin.export.int8_kernels_exact())")
+                 f"INT8 vs ORT INT8 ≤ {worst('ov_int8_vs_ort_int8', 'rel_l2'):.3g}")
+        text += {True: " (ORT's fused int8 kernels are exact on this CPU: esc_plugin.export.int8_kernels_exact())",
+                 False: " (ORT's fused int8 kernels saturate on this CPU, AVX2 without VNNI: "
+                        "esc_plugin.export.int8_kernels_exact())",
+                 None: " (ORT's fused int8 kernels saturate on AVX2 CPUs without VNNI: "
+                       "esc_plugin.export.int8_kernels_exact())"}[exact]
     return text + "."
 
 
@@ -628,7 +639,7 @@ def markdown(res):
             lines.append(f"* OpenVINO rows skipped: {ov['skipped']}.")
         if "ort_fp32" in res["profiles"].get(name, {}):
             lines += _profile_lines(res["profiles"][name])
-        lines += ["", _check_line(res["output_checks"][name]), ""]
+        lines += ["", _check_line(res["output_checks"][name], res["machine"].get("ort_int8_kernels_exact")), ""]
     return "\n".join(lines) + "\n"
 
 
