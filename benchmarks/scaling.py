@@ -18,6 +18,10 @@ and ``whisper`` (Whisper tiny.en task, teacher-forced cross-entropy objective;
 slow on CPU). ``--whisper-eval`` times one Whisper tiny.en objective
 evaluation (the denominator of the Ray-overhead target) without a search.
 
+Evaluations/s are those of the CMA-ES generations (``search_generations``), the part an executor
+spreads; the search column adds the actors' start and the final mean's and the selection guard's
+evaluations, which run in the driver, and the wall-clock column is the whole ``esc.quantize``.
+
 Outputs ``results.json`` and ``results.md`` in ``--out`` with commit, dirty
 flag and command, plus a projection for Whisper large-v3 from the measured
 costs: the Whisper tiny.en evaluation of ``--whisper-eval``, and any cost given
@@ -86,9 +90,10 @@ def run_row(model, loop, objective, options, budget):
         torch.set_num_threads(before)
     tm = q.esc_report.timings
     n = tm["n_search_evaluations"]
-    loop_s = tm["search"] - tm["executor_start"]  # the generations, without starting the actors
+    # the generations alone: the final mean's and the selection guard's evaluations run in the driver after them
+    loop_s = tm["search_generations"]
     return {"options": {**options, **({"threads": threads} if threads else {})}, "wall_s": wall, "search_s": tm["search"], "executor_start_s": tm["executor_start"],
-            "n_search_evaluations": n, "evaluations_per_s": n / loop_s,
+            "n_search_evaluations": n, "generations_s": loop_s, "evaluations_per_s": n / loop_s,
             "evaluation_s_sum": tm["search_evaluation_seconds"],
             "overhead_ms_per_evaluation": 1e3 * (loop_s - tm["search_evaluation_seconds"]) / n
             if options.get("workers", 1) == 1 else None,
@@ -214,17 +219,20 @@ def markdown(result):
              f"machine: {result['machine']}", ""]
     for m in result["models"]:
         lines += [f"## {m['model']}: {m['description']}", "",
-                  "| row | evals/s | × serial | search (s) | of which actor start (s) | ESC wall-clock (s) | "
-                  "overhead / eval (ms) | same scales & history as serial |", "|---|---|---|---|---|---|---|---|"]
+                  "| row | evals/s | × serial | generations (s) | search (s) | of which actor start (s) | "
+                  "ESC wall-clock (s) | overhead / eval (ms) | same scales & history as serial |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {r['row']} | not run: {r['error']} | | | | | | |")
+                lines.append(f"| {r['row']} | not run: {r['error']} | | | | | | | |")
                 continue
             ovh = "–" if r["overhead_ms_per_evaluation"] is None else f"{r['overhead_ms_per_evaluation']:.1f}"
             same = "yes" if r["same_scales_as_serial"] and r["same_history_as_serial"] else \
                 ("scales yes, history no" if r["same_scales_as_serial"] else "no")
             start = r.get("executor_start_s")
+            gens = r.get("generations_s")
             lines.append(f"| {r['row']} | {r['evaluations_per_s']:.2f} | {r['speedup_vs_serial']:.2f} | "
+                         f"{'–' if gens is None else f'{gens:.1f}'} | "
                          f"{r['search_s']:.1f} | {'–' if start is None else f'{start:.1f}'} | {r['wall_s']:.1f} | "
                          f"{ovh} | {same} |")
         lines.append("")

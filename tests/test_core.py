@@ -91,6 +91,8 @@ def test_esc_report_history_and_mean(setup, tmp_path):
                      progress=False)
     r = q.esc_report
     assert len(r.history) == 20 and r.timings["n_evaluations"] == 22  # Γ + init + final mean
+    # the generations' wall time (what an executor spreads) is part of the search's, and holds its evaluations
+    assert r.timings["search_evaluation_seconds"] <= r.timings["search_generations"] <= r.timings["search"]
     # the default start (best of the init and the baselines) costs a fixed few evaluations, not a share of Γ
     default = esc.quantize(model, esc.QuantConfig(bits=4, budget=20, popsize=5), loop, objective, progress=False)
     assert len(default.esc_report.history) == 20 and default.esc_report.timings["n_evaluations"] <= 20 + 10

@@ -71,6 +71,7 @@ class SearchDriver:
         executor = make_executor(self.ctx) if not search.done else None
         timings["executor_start"] = time.perf_counter() - t  # e.g. Ray actors receiving the model
         timings.setdefault("search_evaluation_seconds", 0.0)  # summed over workers: > wall time when parallel
+        t = time.perf_counter()
         try:
             while not search.done:
                 candidates = search.ask()
@@ -84,6 +85,8 @@ class SearchDriver:
                 bar.set_postfix(best=f"{search.best_loss:.4g}")
                 self.save()
         finally:
+            # the generations alone (wall): what the executor parallelises, without its start or close
+            timings["search_generations"] = timings.get("search_generations", 0.0) + time.perf_counter() - t
             if executor is not None:
                 executor.close()
             bar.close()
