@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 
 PROBE = """
-import ctypes, torch
+import torch
 from esc_plugin.core.allocator import keep_freed_memory
 first, again = keep_freed_memory(), keep_freed_memory()
 x = torch.randn(64, 19, 101, 40)  # ~20 MB activations, allocated and freed as in a forward

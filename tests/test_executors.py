@@ -198,7 +198,7 @@ def test_ray_workers_give_the_serial_scales_and_history(honk, ray_runtime):
         assert history == serial[1], workers
     scales, history = _search(honk, executor="ray", workers=2, batch_candidates=3)
     assert np.array_equal(scales, serial[0]) and history == serial[1]
-    # the actors' processes kept freed memory (this one did not): same answer
+    # the actors' processes kept freed memory (see core/allocator.py), with the same answer
     from esc_plugin.core.executors import ray_actors
 
     idle = [actor for pool in ray_actors._IDLE.values() for _, actor in pool]
