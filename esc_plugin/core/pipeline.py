@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .allocator import USER_TUNING, keep_freed_memory
 from .batching import supports_batching
 from .config import QuantConfig
 from .context import CalibrationContext
@@ -61,10 +62,13 @@ def check_execution(config, objective, forward_loop=None):
 
 def run_pipeline(model, config, forward_loop, objective, progress=True):
     config, spec, passes = check_inputs(model, config, forward_loop, objective)
+    memory_note = _keep_freed_memory_note() if config.keep_freed_memory else None  # before the model copy
     t0 = time.perf_counter()
     digest = state_digest(model)
     qmodel, plan = insert_quantizers(model, config)
     report = QuantReport(config=config.to_dict())
+    if memory_note:
+        report.notes.append(memory_note)
     ctx = CalibrationContext(qmodel, plan, config, forward_loop, objective, report, progress)
     ctx.model_digest = digest
     report.timings["digest_and_copy"] = time.perf_counter() - t0
@@ -100,6 +104,13 @@ def run_pipeline(model, config, forward_loop, objective, progress=True):
         "transforms": [{"name": name, "stage": stage, "state": state} for name, stage, state in applied],
     }
     return qmodel
+
+
+def _keep_freed_memory_note():
+    if keep_freed_memory():
+        return "keep_freed_memory: in effect in this process (glibc malloc keeps freed heap memory)"
+    return ("keep_freed_memory: not applied (not glibc, or the environment sets one of "
+            f"{', '.join(USER_TUNING)}: that tuning is kept)")
 
 
 def _apply(tspec, transform, ctx):

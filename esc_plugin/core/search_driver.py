@@ -29,7 +29,7 @@ from .state import read_state_file
 
 CHECKPOINT_FORMAT = "esc_plugin.cma_checkpoint/2"
 # Options that do not change the answer: a run may resume with another executor or worker count.
-NOT_IN_FINGERPRINT = ("checkpoint", "executor", "workers", "num_gpus_per_worker")
+NOT_IN_FINGERPRINT = ("checkpoint", "executor", "workers", "num_gpus_per_worker", "keep_freed_memory")
 
 
 def run_fingerprint(config, site_names, model_digest, maxes):
