@@ -68,16 +68,20 @@ def quantize_w8a8(spec, overrides=None):
 
 def store_int8_weights(src, dst):
     """Rewrite ``src`` so that each ``initializer -> QuantizeLinear`` becomes an int8 initializer
-    (``esc_plugin.export.fold_weight_quantizers``, what ``export_qdq_onnx`` does by default).
-    Returns ``{"folded": n, "float_initializers_left": [(name, shape), ...]}``.
+    (``esc_plugin.export.fold_weight_quantizers``) and compact the graph
+    (``esc_plugin.export.compact``), as ``export_qdq_onnx`` does by default.
+    Returns ``{"folded": n, "constants_shared": n, "weights_transposed": n,
+    "float_initializers_left": [(name, shape), ...]}``.
     """
     import onnx
 
     from esc_plugin.core.io import atomic_path
     from esc_plugin.export import fold_weight_quantizers
+    from esc_plugin.export.compact import compact_int8_graph
 
     model = onnx.load(src)
     n_folded = fold_weight_quantizers(model)
+    compacted = compact_int8_graph(model)
     entry = next((e for e in model.metadata_props if e.key == "esc_plugin.int8_weights"), None) \
         or model.metadata_props.add()
     entry.key, entry.value = "esc_plugin.int8_weights", "true"
@@ -86,7 +90,7 @@ def store_int8_weights(src, dst):
         onnx.save(model, tmp)
     floats = [(t.name, list(t.dims)) for t in model.graph.initializer
               if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1024]
-    return {"folded": n_folded, "float_initializers_left": floats}
+    return {"folded": n_folded, **compacted, "float_initializers_left": floats}
 
 
 def ort_graph_report(path, optimized_path):

@@ -189,12 +189,26 @@ def test_int8_weight_initializers(exported, tmp_path):
     assert export_metadata(model)["int8_weights"] == "True"
     assert not any(n["op"] == "QuantizeLinear" and n["input"] in inits for n in qdq_nodes(model))
     weight_dq = [n for n in qdq_nodes(model) if n["op"] == "DequantizeLinear" and n["input"] in inits]
-    assert weight_dq and all(inits[n["input"]].dtype == np.int8 and n["axis"] == 0 for n in weight_dq)
+    assert weight_dq and all(inits[n["input"]].dtype == np.int8 for n in weight_dq)
+    # per output channel, along whichever axis holds the channels once stored in the op's layout
+    assert all(n["scale"].shape == (inits[n["input"]].shape[n["axis"]],) for n in weight_dq)
     assert all(np.abs(inits[n["input"]].astype(int)).max() <= 127 for n in weight_dq)
+    # compact: no Constant node, each distinct constant stored once (a zero point stays its quantizer's
+    # own: ORT fuses only then), no Transpose of a stored weight
+    assert not op_counts(model).get("Constant")
+    zero_points = {n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    keys = [(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer
+            if t.name not in zero_points]
+    assert len(keys) == len(set(keys))
+    weight_outputs = {n.output[0] for n in model.graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in weight_outputs]
     x = features(cls, 3, 23, seed=4)
-    for level in ("basic", "all"):
+    for level in ("disable", "basic", "all"):
         np.testing.assert_array_equal(OrtRunner(int8_w, optimization=level)(x)[0],
                                       OrtRunner(float_w, optimization=level)(x)[0])
+    assert integer_ops(ort_optimized_model(int8_w, tmp_path / "int8w.opt.onnx")) == \
+        integer_ops(ort_optimized_model(float_w, tmp_path / "floatw.opt.onnx"))
     assert os.path.getsize(int8_w) < os.path.getsize(float_w)
 
 

@@ -10,7 +10,9 @@ What the graph holds (``mode="qdq"``, the default):
   with a per-output-channel scale (1-D, ``axis`` attribute, length = output
   channels) and an int8 zero point of zeros, so the file holds int8 weights
   (``int8_weights=False`` keeps ``W (float) -> QuantizeLinear -> DequantizeLinear``,
-  which runtimes fold to the same thing at load);
+  which runtimes fold to the same thing at load), stored in the layout its op
+  reads (a Linear's weight transposed once, not a Transpose node), with each
+  distinct scale and zero point stored once (:mod:`esc_plugin.export.compact`);
 * every quantized activation: ``x -> QuantizeLinear -> DequantizeLinear`` with a
   scalar scale ``amax / 127`` and an int8 zero point 0, on the input of the op;
 * everything else in float. This is the "explicit quantization" layout
@@ -50,6 +52,7 @@ import torch
 from esc_plugin.core.io import atomic_path
 
 from .errors import ExportError
+from .compact import compact_int8_graph
 from .graph import METADATA_PREFIX, QDQ_OPS, count_qdq, export_metadata, fold_weight_quantizers, op_counts, qdq_nodes
 from .qdq import MODES, ZERO_AMAX, _quantizers, export_context
 
@@ -228,6 +231,7 @@ def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dyn
                                   "exported (was torch.onnx.export patched or run with dynamo=True?).")
             if mode == "qdq" and int8_weights:
                 fold_weight_quantizers(model)
+                compact_int8_graph(model)
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits,
                     "act_bits": plan.config.act_bits, "method": plan.config.method,
                     "clip_activations": bool(clip_activations),
