@@ -485,7 +485,8 @@ def measure(export_dir, results_dir, threads_list=(1,), batch_sizes=(1, 8), warm
         "export": {k: manifest.get(k) for k in ("created", "esc_plugin_commit", "versions")},
         "tensorrt": trt, "pytorch_skipped": torch_skips,
         "models": {m["name"]: {k: m[k] for k in ("description", "source", "input_shape", "bytes", "files",
-                                                 "quantization", "int8_weights_rewrite", "ort_int8_graph")}
+                                                 "quantization", "int8_weights_rewrite", "composition",
+                                                 "ort_int8_graph") if k in m}
                    for m in manifest["models"]},
         "rows": rows, "output_checks": checks, "profiles": profiles,
         "targets": targets(manifest, rows),
@@ -552,6 +553,20 @@ def _size_table(info):
             f"{b['int8_weights'] / b['fp32']:.2f} |"]
 
 
+def _composition(info):
+    c = info.get("composition")
+    if not c:
+        return []
+    fp32, int8 = c["fp32"], c["int8_weights"]
+    tensors = int8["int8_tensors"] + int8["other_tensors"]
+    fp32_tensors = fp32["int8_tensors"] + fp32["other_tensors"]
+    return [f"* Where the bytes are: FP32 file {_mb(fp32_tensors)} MB of tensors + {_mb(fp32['graph_structure'])} MB "
+            f"of graph structure (nodes, names, shapes); INT8 file {_mb(int8['int8_tensors'])} MB int8 tensors + "
+            f"{_mb(int8['other_tensors'])} MB float tensors (biases, scales, tables left in float) + "
+            f"{_mb(int8['graph_structure'])} MB of graph structure (with the Q/DQ nodes). Tensors alone: "
+            f"{tensors / fp32_tensors:.2f}× FP32's."]
+
+
 def _facts(t, info):
     g, q = info["ort_int8_graph"], info["quantization"]
     speeds = ", ".join(f"{k}: {v:.2f}×" for k, v in t["ort_int8_speedup"].items()) or "not measured"
@@ -566,9 +581,10 @@ def _facts(t, info):
         f"* Target INT8 file ≤ 0.3× FP32: esc_plugin's default export (int8 weight initializers) "
         f"{t['file_ratio_int8_weights']:.2f}× "
         f"({'met' if t['file_ratio_met_by_esc_plugin_export'] else 'not met'}"
-        + (f"; float tables left: {', '.join(n for n, _ in info['int8_weights_rewrite']['float_initializers_left'][:4])}"
+        + (f"; largest float tables left: {', '.join(n for n, _ in info['int8_weights_rewrite']['float_initializers_left'][:3])}"
            if info.get("int8_weights_rewrite", {}).get("float_initializers_left") else "")
         + f"); float weight initializers {t['file_ratio_int8_qdq']:.2f}×.",
+        *_composition(info),
         f"* Quantization: W8A8 `{q['config']}` on {q['calibration_samples']} calibration samples; "
         f"{q['quantized_ops']} ops quantized, {len(q['float_ops'])} left in float"
         + (f" ({', '.join(float_ops)})" if float_ops else "") + ".",

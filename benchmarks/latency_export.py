@@ -88,9 +88,27 @@ def store_int8_weights(src, dst):
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(dst) as tmp:
         onnx.save(model, tmp)
-    floats = [(t.name, list(t.dims)) for t in model.graph.initializer
-              if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1024]
+    floats = sorted(((t.name, list(t.dims)) for t in model.graph.initializer
+                     if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1024),
+                    key=lambda item: -int(np.prod(item[1])))  # the largest first
     return {"folded": n_folded, **compacted, "float_initializers_left": floats}
+
+
+def file_composition(path):
+    """Bytes of an ONNX file by kind: int8 tensors, float tensors (initializers and Constant nodes), and
+    the rest (nodes, names, shapes, metadata: the graph's structure, which INT8 does not shrink)."""
+    import onnx
+
+    model = onnx.load(path)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    by_type = Counter()
+    for t in tensors:
+        by_type[t.data_type] += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    int8 = by_type.pop(onnx.TensorProto.INT8, 0)
+    other_tensors = sum(by_type.values())
+    return {"int8_tensors": int(int8), "other_tensors": int(other_tensors),
+            "graph_structure": int(os.path.getsize(path) - int8 - other_tensors)}
 
 
 def ort_graph_report(path, optimized_path):
@@ -158,6 +176,7 @@ def export_model(source, out_dir, shared_root=None, overrides=None):
             "float_ops": [{k: c.get(k) for k in ("name", "op", "reason")} for c in report.float_ops],
         },
         "int8_weights_rewrite": rewrite,
+        "composition": {k: file_composition(folder / files[k]) for k in ("fp32", "int8_weights")},
         "ort_int8_graph": graph,
         "export_seconds": round(time.perf_counter() - t0, 1),
     }
