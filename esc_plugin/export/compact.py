@@ -51,9 +51,7 @@ def share_constants(model):
 
     graph = model.graph
     protected = {v.name for v in graph.input} | {v.name for v in graph.output}
-    # A zero point stays its quantizer's own: ONNX Runtime rewrites int8 zero points to uint8 in
-    # place on x86 and skips (then does not fuse) a Q/DQ pair whose zero point other nodes share.
-    zero_points = {n.input[2] for n in graph.node if n.op_type in QDQ_OPS and len(n.input) > 2}
+    zero_points = zero_point_names(graph)
     seen, rename, initializers = {}, {}, []
 
     def key_of(tensor):
@@ -143,6 +141,15 @@ def fold_weight_transposes(model):
     del graph.node[:]
     graph.node.extend(nodes)
     return len(folded)
+
+
+def zero_point_names(graph):
+    """Names read as a QuantizeLinear / DequantizeLinear zero point: not to be merged across quantizers.
+
+    ONNX Runtime rewrites int8 zero points to uint8 in place on x86 and skips (then does not fuse) a
+    Q/DQ pair whose zero point other nodes share.
+    """
+    return {n.input[2] for n in graph.node if n.op_type in QDQ_OPS and len(n.input) > 2}
 
 
 def _constant_tensor(node):

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.io import atomic_path, write_json
+from .compact import zero_point_names
 from .errors import ExportError
 
 SPEC_FILE = "whisper.json"
@@ -70,8 +71,12 @@ def dedupe_initializers(model):
     def digest(array):
         return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
+    zero_points = zero_point_names(model.graph)
     seen, rename, transposed, kept = {}, {}, {}, []
     for t in model.graph.initializer:
+        if t.name in zero_points:  # each quantizer keeps its own (see compact.zero_point_names)
+            kept.append(t)
+            continue
         array = numpy_helper.to_array(t)
         key = (t.data_type, array.shape, digest(array))
         if key in seen:
