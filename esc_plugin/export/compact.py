@@ -60,14 +60,17 @@ def share_constants(model):
         array = numpy_helper.to_array(tensor)
         return tensor.data_type, array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()
 
-    for tensor in graph.initializer:
-        key = None if tensor.name in protected else key_of(tensor)
+    def store(tensor, key):
+        """Keep ``tensor`` as an initializer, or point its readers at an identical one."""
         if key in seen:
             rename[tensor.name] = seen[key]
-            continue
+            return
         if key is not None:
             seen[key] = tensor.name
         initializers.append(tensor)
+
+    for tensor in graph.initializer:
+        store(tensor, None if tensor.name in protected else key_of(tensor))
     nodes = []
     for node in graph.node:
         value = _constant_tensor(node)
@@ -77,13 +80,7 @@ def share_constants(model):
         tensor = type(value)()
         tensor.CopyFrom(value)
         tensor.name = node.output[0]
-        key = key_of(tensor)
-        if key in seen:
-            rename[tensor.name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = tensor.name
-        initializers.append(tensor)
+        store(tensor, key_of(tensor))
     _rename_inputs(nodes, rename)
     duplicates = sum(1 for t in graph.initializer if t.name in rename)
     removed = len(graph.node) - len(nodes) + duplicates
