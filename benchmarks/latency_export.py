@@ -12,8 +12,8 @@ under the export folder ``DIR/<name>/``:
   activations Q/DQ per tensor);
 * ``int8_weights.onnx``: the same graph with every weight QuantizeLinear
   evaluated and stored as an int8 initializer (weights -> DequantizeLinear
-  only): ``esc_plugin.export.fold_weight_quantizers``, which is what
-  ``export_qdq_onnx`` does by default; its outputs are checked against
+  only) and the graph compacted: ``esc_plugin.export.compact.int8_weight_layout``,
+  which is what ``export_qdq_onnx`` does by default; its outputs are checked against
   ``int8_qdq.onnx`` in the measure phase;
 * ``inputs.npy``: the real fixed-length inputs (``BenchModel.inputs``);
 
@@ -67,21 +67,18 @@ def quantize_w8a8(spec, overrides=None):
 
 
 def store_int8_weights(src, dst):
-    """Rewrite ``src`` so that each ``initializer -> QuantizeLinear`` becomes an int8 initializer
-    (``esc_plugin.export.fold_weight_quantizers``) and compact the graph
-    (``esc_plugin.export.compact``), as ``export_qdq_onnx`` does by default.
+    """Rewrite ``src`` into the int8 layout ``export_qdq_onnx`` writes by default
+    (``esc_plugin.export.compact.int8_weight_layout``: int8 weight initializers, compacted graph).
     Returns ``{"folded": n, "constants_shared": n, "weights_transposed": n,
     "float_initializers_left": [(name, shape), ...]}``.
     """
     import onnx
 
     from esc_plugin.core.io import atomic_path
-    from esc_plugin.export import fold_weight_quantizers
-    from esc_plugin.export.compact import compact_int8_graph
+    from esc_plugin.export.compact import int8_weight_layout
 
     model = onnx.load(src)
-    n_folded = fold_weight_quantizers(model)
-    compacted = compact_int8_graph(model)
+    layout = int8_weight_layout(model)
     entry = next((e for e in model.metadata_props if e.key == "esc_plugin.int8_weights"), None) \
         or model.metadata_props.add()
     entry.key, entry.value = "esc_plugin.int8_weights", "true"
@@ -91,7 +88,7 @@ def store_int8_weights(src, dst):
     floats = sorted(((t.name, list(t.dims)) for t in model.graph.initializer
                      if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1024),
                     key=lambda item: -int(np.prod(item[1])))  # the largest first
-    return {"folded": n_folded, **compacted, "float_initializers_left": floats}
+    return {**layout, "float_initializers_left": floats}
 
 
 def file_composition(path):

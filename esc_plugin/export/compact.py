@@ -32,7 +32,14 @@ import hashlib
 
 import numpy as np
 
-from .graph import QDQ_OPS
+from .graph import QDQ_OPS, fold_weight_quantizers
+
+
+def int8_weight_layout(model):
+    """The exporters' default int8 layout, in place: :func:`~esc_plugin.export.graph.fold_weight_quantizers`,
+    then :func:`compact_int8_graph`. Returns ``{"folded": n, "constants_shared": n, "weights_transposed": n}``."""
+    folded = fold_weight_quantizers(model)
+    return {"folded": folded, **compact_int8_graph(model)}
 
 
 def compact_int8_graph(model):

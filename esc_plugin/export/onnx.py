@@ -52,7 +52,7 @@ import torch
 from esc_plugin.core.io import atomic_path
 
 from .errors import ExportError
-from .compact import compact_int8_graph
+from .compact import int8_weight_layout
 from .graph import METADATA_PREFIX, QDQ_OPS, count_qdq, export_metadata, fold_weight_quantizers, op_counts, qdq_nodes
 from .qdq import MODES, ZERO_AMAX, _quantizers, export_context
 
@@ -230,8 +230,7 @@ def export_qdq_onnx(qmodel, example_inputs, path, input_names, output_names, dyn
                                   f"{n_quantizers} enabled quantizers: the fake quantization was not "
                                   "exported (was torch.onnx.export patched or run with dynamo=True?).")
             if mode == "qdq" and int8_weights:
-                fold_weight_quantizers(model)
-                compact_int8_graph(model)
+                int8_weight_layout(model)
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits,
                     "act_bits": plan.config.act_bits, "method": plan.config.method,
                     "clip_activations": bool(clip_activations),

@@ -30,8 +30,8 @@ import os
 from pathlib import Path
 
 from ..core.io import atomic_path
-from ..export import ExportError, check_exportable, export_context, fold_weight_quantizers, op_counts
-from ..export.compact import compact_int8_graph
+from ..export import ExportError, check_exportable, export_context, op_counts
+from ..export.compact import int8_weight_layout
 from ..export.onnx import METADATA_PREFIX
 from .model import base_export as _base_export
 from .model import is_quantized_asr_model
@@ -155,9 +155,7 @@ def export_quantized_asr_model(qmodel, output, mode="qdq", clip_activations=Fals
                 raise ExportError("NeMo's export wrote no QuantizeLinear node although the model is "
                                   "quantized: the fake quantization was not exported (was "
                                   "torch.onnx.export patched, or dynamo used?).")
-            folded = fold_weight_quantizers(graph) if mode == "qdq" and int8_weights else 0
-            if folded:
-                compact_int8_graph(graph)
+            folded = int8_weight_layout(graph)["folded"] if mode == "qdq" and int8_weights else 0
             meta = {"mode": mode, "weight_bits": plan.config.weight_bits, "act_bits": plan.config.act_bits,
                     "method": plan.config.method, "clip_activations": bool(clip_activations),
                     "exporter": "nemo", "int8_weights": bool(folded)}
